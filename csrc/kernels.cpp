@@ -47,10 +47,13 @@ std::vector<int64_t> balanced_split(const int32_t* rp, int64_t n, int nt) {
 
 // Vectors per tile row: tiles of up to 4 vectors; fewer for a small batch so padding stays small.
 static int g_nv_override = 0;  // tuning hook: force the vectors per tile row (0 = automatic)
+// SDDMM column blocks: bytes of the transposed X tile gathered from per block. Measured on a 2-core Zen 3
+// (512 KiB L2 per core), 4096x4096, batch 256: 256 KiB blocks beat the whole 1 MiB tile.
+static int64_t g_sddmm_block_bytes = 256 << 10;
 
 // Vectors per batch tile (T = NV * lanes rows). Measured on a 2-core Zen 3, 4096x4096, batch 256, 1-10% density:
 // SpMM is fastest with T = 16 fp32 rows (the X tile, 256 KiB, stays in L2); SDDMM with T = 64 (fewer horizontal
-// reductions and read-modify-writes of dW per connection outweigh the tile spilling to L3).
+// reductions and read-modify-writes of dW per connection; the 1 MiB tile is read in L2-sized column blocks).
 static int pick_nv(int64_t B, int lanes, int max_nv) {
   if (g_nv_override) return g_nv_override;
   int nv = 1;
@@ -109,23 +112,26 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   const int L = (use_avx2 ? 32 : 16) / int(sizeof(S));
   const int NV = pick_nv(B, L, 2);
   py::gil_scoped_release nogil;
-  std::unique_ptr<S[]> gathered;
+  const int32_t* pe = perm.size() > 0 ? perm.data() : nullptr;
   const S* val = values.data();
-  if (perm.size() > 0 || (!perm_obj.is_none() && nnz == 0)) {
-    gathered.reset(new S[nnz > 0 ? nnz : 1]);
-    const int32_t* pe = perm.data();
-    const S* v = values.data();
+  // values[perm] (nnz), freed on return. Its reads land at random in `values`: while the values fit in ~1 MiB
+  // the kernel's first tile gathers them between its FMAs (free at 1% density of a 4096x4096 layer, where a
+  // separate pass cost 0.35 ms); a larger array misses the caches at nearly every read, which stalls that tile
+  // more than a pass of its own costs (2.1 vs 3.6 ms at 10% density, 2 threads).
+  std::unique_ptr<S[]> gathered(pe ? new S[nnz] : nullptr);
+  if (pe && nnz * int64_t(sizeof(S)) > (1 << 20)) {
     S* g = gathered.get();
 #pragma omp parallel for num_threads(nt) schedule(static)
-    for (int64_t t = 0; t < nnz; ++t) g[t] = v[pe[t]];
+    for (int64_t t = 0; t < nnz; ++t) g[t] = val[pe[t]];
     val = g;
+    pe = nullptr;
   }
   if (B == 0) return;
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   aligned_buf<S> buf(2 * n_cols * NV * L);
-#define GEN(N) generic::spmm<S, N>(xp, B, n_cols, rp, ci, val, n_rows, bias, yp, split.data(), nt, buf.p)
+#define GEN(N) generic::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered.get(), n_rows, bias, yp, split.data(), nt, buf.p)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::spmm<S, N>(xp, B, n_cols, rp, ci, val, n_rows, bias, yp, split.data(), nt, buf.p)
+#define AVX(N) avx2::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered.get(), n_rows, bias, yp, split.data(), nt, buf.p)
 #else
 #define AVX(N) GEN(N)
 #endif
@@ -158,10 +164,23 @@ void sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr, con
     return;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  aligned_buf<S> buf(2 * n_cols * NV * L);
-#define GEN(N) generic::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, buf.p)
+  // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
+  // streamed dY^T rows), and where each row's entries of each block start.
+  const int64_t tile_row_bytes = int64_t(NV) * L * int64_t(sizeof(S));
+  const int64_t block_cols = std::max<int64_t>(1, g_sddmm_block_bytes / tile_row_bytes);
+  const int64_t n_blocks = std::max<int64_t>(1, (n_cols + block_cols - 1) / block_cols);
+  std::vector<int32_t> seg(n_rows * (n_blocks + 1));
+#pragma omp parallel for num_threads(nt) schedule(static)
+  for (int64_t j = 0; j < n_rows; ++j) {
+    int32_t* sj = seg.data() + j * (n_blocks + 1);
+    for (int64_t q = 0; q < n_blocks; ++q)
+      sj[q] = static_cast<int32_t>(std::lower_bound(ci + rp[j], ci + rp[j + 1], q * block_cols) - ci);
+    sj[n_blocks] = rp[j + 1];
+  }
+  aligned_buf<S> buf(2 * (n_cols + n_rows) * NV * L);
+#define GEN(N) generic::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg.data(), buf.p)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, buf.p)
+#define AVX(N) avx2::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg.data(), buf.p)
 #else
 #define AVX(N) GEN(N)
 #endif
@@ -184,6 +203,8 @@ void bind_kernels(py::module_& m) {
         py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("out").noconvert(),
         py::arg("nthreads"));
   m.def("_set_tile_vectors", [](int nv) { g_nv_override = nv; }, "tuning hook: vectors per batch tile (0 = auto)");
+  m.def("_set_sddmm_block_bytes", [](int64_t b) { g_sddmm_block_bytes = b > 0 ? b : (256 << 10); },
+        "tuning hook: bytes of the X tile per SDDMM column block (<= 0 = default)");
   m.def("has_avx2", &cpu_has_avx2, "True when the AVX2+FMA kernels are in use");
 }
 

@@ -32,10 +32,20 @@ inline V<S> vsplat(S s) { return vsplat_impl<S>(s, std::make_index_sequence<lane
 #define SC_SHUF(a, b, ...) __builtin_shuffle(a, b, (IV){__VA_ARGS__})
 #endif
 
-// sums[u] = sum of the lanes of s[u], u < 4, by a transpose-and-add tree (about one vector op per input).
+// Four lanes of S, whatever the SIMD width: the result of reduce4.
 template <class S>
-inline void reduce4(const V<S>* s, S* sums) {
+struct V4T {
+  typedef S v __attribute__((vector_size(4 * sizeof(S))));
+};
+template <class S>
+using V4 = typename V4T<S>::v;
+
+// Lane u of the result = sum of the lanes of s[u], u < 4, by a transpose-and-add tree (about one vector op per
+// input), ending in a 4-lane vector so that four results are added to memory with one load and one store.
+template <class S>
+inline V4<S> reduce4(const V<S>* s) {
   constexpr int L = lanes<S>();
+  V4<S> out;
   if constexpr (L == 8) {
     typedef int32_t IV __attribute__((vector_size(32)));
     // pairs: (s0+s1 interleaved), (s2+s3 interleaved)
@@ -43,28 +53,25 @@ inline void reduce4(const V<S>* s, S* sums) {
     const V<S> b = SC_SHUF(s[2], s[3], 0, 8, 2, 10, 4, 12, 6, 14) + SC_SHUF(s[2], s[3], 1, 9, 3, 11, 5, 13, 7, 15);
     // c = [s0 s1 s2 s3 | s0 s1 s2 s3] partial sums of the low and high halves
     const V<S> c = SC_SHUF(a, b, 0, 1, 8, 9, 4, 5, 12, 13) + SC_SHUF(a, b, 2, 3, 10, 11, 6, 7, 14, 15);
-    for (int u = 0; u < 4; ++u) sums[u] = c[u] + c[u + 4];
+    V4<S> lo, hi;
+    __builtin_memcpy(&lo, &c, sizeof(lo));
+    __builtin_memcpy(&hi, reinterpret_cast<const char*>(&c) + sizeof(lo), sizeof(hi));
+    out = lo + hi;
   } else if constexpr (L == 4) {
     typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type IE;
     typedef IE IV __attribute__((vector_size(4 * sizeof(IE))));
     const V<S> a = SC_SHUF(s[0], s[1], 0, 4, 2, 6) + SC_SHUF(s[0], s[1], 1, 5, 3, 7);
     const V<S> b = SC_SHUF(s[2], s[3], 0, 4, 2, 6) + SC_SHUF(s[2], s[3], 1, 5, 3, 7);
     const V<S> c = SC_SHUF(a, b, 0, 1, 4, 5) + SC_SHUF(a, b, 2, 3, 6, 7);
-    for (int u = 0; u < 4; ++u) sums[u] = c[u];
+    __builtin_memcpy(&out, &c, sizeof(out));
   } else {
     for (int u = 0; u < 4; ++u) {
       S t = 0;
       for (int i = 0; i < L; ++i) t += s[u][i];
-      sums[u] = t;
+      out[u] = t;
     }
   }
-}
-
-template <class S>
-inline S hsum(V<S> v) {
-  S t = 0;
-  for (int i = 0; i < lanes<S>(); ++i) t += v[i];
-  return t;
+  return out;
 }
 
 // dst[c*ldd + r] = src[r*lds + c] for r, c < L: an L x L transpose in registers. Moving data in L x L blocks
@@ -151,21 +158,37 @@ inline void store_rows(const S* ob, int nr, int T, int tb, S* Y, int64_t ldy, in
 constexpr int ROW_BLOCK = 64;
 
 // Rows [r0, r1) of Yt = W * Xt for one batch tile, written straight into Y (batch, n_out) (+ bias).
-template <class S, int NV>
-inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* val, const S* Xt, const S* bias, S* Y,
-                      int64_t ldy, int64_t b0, int tb, int64_t r0, int64_t r1) {
+// With GATHER, the weights are values[perm[k]] (the transposed SpMM of dX) and are also copied to gval[k] for
+// the later tiles. The copy runs GATHER_AHEAD entries ahead of the arithmetic, four per iteration, so its random
+// reads of `values` overlap the FMAs instead of costing a separate pass.
+constexpr int64_t GATHER_AHEAD = 64;
+
+template <class S, int NV, bool GATHER>
+inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, const int32_t* perm, S* gval,
+                      const S* Xt, const S* bias, S* Y, int64_t ldy, int64_t b0, int tb, int64_t r0, int64_t r1) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
   alignas(64) S ob[ROW_BLOCK * T];  // outputs of up to ROW_BLOCK consecutive rows, stored together
   int nr = 0;
   int64_t j0 = r0;
+  const S* val = GATHER ? gval : values;
+  int64_t gk = rp[r0];  // next entry to gather
+  const int64_t gend = rp[r1];
   for (int64_t j = r0; j < r1; ++j) {
+    if (GATHER) {
+      const int64_t need = rp[j + 1] + GATHER_AHEAD < gend ? rp[j + 1] + GATHER_AHEAD : gend;
+      for (; gk < need; ++gk) gval[gk] = values[perm[gk]];
+    }
     V<S> a[NV], c[NV], d[NV], f[NV];
     for (int v = 0; v < NV; ++v) a[v] = c[v] = d[v] = f[v] = V<S>{};
     int64_t k = rp[j];
     const int64_t e = rp[j + 1];
     // Four live connections per iteration on separate accumulators hide the FMA and L2 latencies.
     for (; k + 3 < e; k += 4) {
+      if (GATHER && gk + 4 <= gend) {
+        for (int u = 0; u < 4; ++u) gval[gk + u] = values[perm[gk + u]];
+        gk += 4;
+      }
       // Column indices two per 64-bit load: the loop is bound by load ports, not by arithmetic.
       uint64_t c01, c23;
       __builtin_memcpy(&c01, col + k, 8);
@@ -203,10 +226,12 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* val, const
   if (nr) store_rows<S>(ob, nr, T, tb, Y, ldy, b0, j0);
 }
 
-// Y (B, n_rows) = X (B, n_cols) W^T + bias, W in CSR (rp, col, val). split: nt+1 row boundaries.
+// Y (B, n_rows) = X (B, n_cols) W^T + bias, W in CSR (rp, col, values). split: nt+1 row boundaries.
+// With perm the weights are values[perm] (dX = dY W over the transpose index); they are gathered into gval
+// (nnz) during the first tile.
 template <class S, int NV>
-void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_t* col, const S* val,
-          int64_t n_rows, const S* bias, S* Y, const int64_t* split, int nt, S* buf) {
+void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_t* col, const S* values,
+          const int32_t* perm, S* gval, int64_t n_rows, const S* bias, S* Y, const int64_t* split, int nt, S* buf) {
   constexpr int T = NV * lanes<S>();
   // Two tile buffers: a thread may transpose tile n+1 while another still reads tile n.
   S* Xt[2] = {buf, buf + n_cols * T};
@@ -218,22 +243,74 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
       transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
 #pragma omp barrier
-      for (int p = tid; p < nt; p += nth)
-        spmm_rows<S, NV>(rp, col, val, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p], split[p + 1]);
+      for (int p = tid; p < nt; p += nth) {
+        if (!perm)
+          spmm_rows<S, NV, false>(rp, col, values, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
+                                  split[p + 1]);
+        else if (n == 0)
+          spmm_rows<S, NV, true>(rp, col, values, perm, gval, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
+                                 split[p + 1]);
+        else
+          spmm_rows<S, NV, false>(rp, col, gval, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
+                                  split[p + 1]);
+      }
     }
   }
 }
 
+// <dy, Xt[c]> as one vector of partial sums (two accumulators: one FMA chain would be latency bound).
+template <class S, int NV>
+inline V<S> dot_partial(const V<S>* dy, const S* x) {
+  constexpr int L = lanes<S>();
+  V<S> a = dy[0] * vload<S>(x), c = V<S>{};
+  for (int v = 1; v < NV; v += 2) {
+    c += dy[v] * vload<S>(x + v * L);
+    if (v + 1 < NV) a += dy[v + 1] * vload<S>(x + (v + 1) * L);
+  }
+  return a + c;
+}
+
+// dval[k] (+)= <dy, Xt[col[k]]> over one batch tile for the entries k in [k, e) of a row whose dY^T tile row is
+// dy (NV vectors). Entries go four at a time so the horizontal sums share one reduce4; the tail is zero-padded.
+template <class S, int NV>
+inline void sddmm_segment(const V<S>* dy, const S* xt, const int32_t* col, int64_t k, int64_t e, bool first,
+                          S* dval) {
+  constexpr int T = NV * lanes<S>();
+  for (; k + 3 < e; k += 4) {
+    V<S> s[4];
+    for (int u = 0; u < 4; ++u) s[u] = dot_partial<S, NV>(dy, xt + static_cast<int64_t>(col[k + u]) * T);
+    V4<S> r = reduce4<S>(s);
+    if (!first) {
+      V4<S> d;
+      __builtin_memcpy(&d, dval + k, sizeof(d));
+      r += d;
+    }
+    __builtin_memcpy(dval + k, &r, sizeof(r));
+  }
+  if (k == e) return;
+  const int n = static_cast<int>(e - k);
+  V<S> s[4] = {V<S>{}, V<S>{}, V<S>{}, V<S>{}};
+  for (int u = 0; u < n; ++u) s[u] = dot_partial<S, NV>(dy, xt + static_cast<int64_t>(col[k + u]) * T);
+  const V4<S> r = reduce4<S>(s);
+  dval[k] = first ? r[0] : dval[k] + r[0];
+  if (n > 1) dval[k + 1] = first ? r[1] : dval[k + 1] + r[1];
+  if (n > 2) dval[k + 2] = first ? r[2] : dval[k + 2] + r[2];
+}
+
 // dW at the live connections: dval[k] = sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM).
-// Only X is transposed into the shared tile; a row's T values of dY are read in place (their T cache lines stay
-// in L1 while j walks through a thread's rows). Four entries are reduced together, so the horizontal sums cost
-// about one vector op per entry instead of log2(lanes) each.
+// Per batch tile of T rows, X and dY are transposed into feature-major buffers (Xt: n_cols x T, dYt: n_rows x T)
+// shared by the threads. Each thread then walks its rows once per column block: in pass q it only reads the
+// entries whose column lies in block q, so the rows of Xt it gathers come from one block small enough for the
+// core's L2 (blocks of `block_cols` columns) instead of the whole tile. Columns are sorted within a row, so the
+// entries of block q are one segment of the row; `seg` holds the segment starts, (n_rows, n_blocks + 1).
 template <class S, int NV>
 void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, const int32_t* rp,
-           const int32_t* col, S* dval, const int64_t* split, int nt, S* buf) {
+           const int32_t* col, S* dval, const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg,
+           S* buf) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
-  S* Xt[2] = {buf, buf + n_cols * T};
+  S* Xt[2] = {buf, buf + (n_cols + n_rows) * T};
+  S* Yt[2] = {Xt[0] + n_cols * T, Xt[1] + n_cols * T};
 #pragma omp parallel num_threads(nt)
   {
     const int tid = sc::thread_id(), nth = sc::team_size();
@@ -241,45 +318,18 @@ void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, c
     for (int64_t b0 = 0; b0 < B; b0 += T, ++n) {
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
       transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
+      transpose_tile_share(dY, n_rows, b0, tb, T, n_rows, tid, nth, Yt[n & 1]);
 #pragma omp barrier
       const S* xt = Xt[n & 1];
+      const S* yt = Yt[n & 1];
       for (int p = tid; p < nt; p += nth) {
-        alignas(64) S dyb[ROW_BLOCK * T];  // dY^T for ROW_BLOCK consecutive rows of this tile
-        const int64_t jb = split[p], je = split[p + 1];
-        for (int64_t j = jb; j < je; ++j) {
-          if ((j - jb) % ROW_BLOCK == 0) {
-            const int64_t jn = je - j < ROW_BLOCK ? je : j + ROW_BLOCK;
-            transpose_tile<S>(dY, n_rows, b0, tb, T, j, jn, dyb - j * T);
-          }
-          const S* dyj = dyb + ((j - jb) % ROW_BLOCK) * T;
-          V<S> dy[NV];
-          for (int v = 0; v < NV; ++v) dy[v] = vload<S>(dyj + v * L);
-          int64_t k = rp[j];
-          const int64_t e = rp[j + 1];
-          for (; k + 3 < e; k += 4) {
-            V<S> s[4];
-            for (int u = 0; u < 4; ++u) {
-              const S* x = xt + static_cast<int64_t>(col[k + u]) * T;
-              V<S> a = dy[0] * vload<S>(x), c = V<S>{};
-              for (int v = 1; v < NV; v += 2) {
-                c += dy[v] * vload<S>(x + v * L);
-                if (v + 1 < NV) a += dy[v + 1] * vload<S>(x + (v + 1) * L);
-              }
-              s[u] = a + c;
-            }
-            S r[4];
-            reduce4<S>(s, r);
-            if (b0 == 0) {
-              for (int u = 0; u < 4; ++u) dval[k + u] = r[u];
-            } else {
-              for (int u = 0; u < 4; ++u) dval[k + u] += r[u];
-            }
-          }
-          for (; k < e; ++k) {
-            const S* x = xt + static_cast<int64_t>(col[k]) * T;
-            V<S> a = dy[0] * vload<S>(x);
-            for (int v = 1; v < NV; ++v) a += dy[v] * vload<S>(x + v * L);
-            dval[k] = (b0 == 0 ? S(0) : dval[k]) + hsum<S>(a);
+        for (int64_t q = 0; q < n_blocks; ++q) {
+          for (int64_t j = split[p]; j < split[p + 1]; ++j) {
+            const int32_t* sj = seg + j * (n_blocks + 1);
+            if (sj[q] == sj[q + 1]) continue;
+            V<S> dy[NV];
+            for (int v = 0; v < NV; ++v) dy[v] = vload<S>(yt + j * T + v * L);
+            sddmm_segment<S, NV>(dy, xt, col, sj[q], sj[q + 1], b0 == 0, dval);
           }
         }
       }

@@ -1,6 +1,7 @@
 """``sparsecore bench``: one training step of a sparse linear layer against the alternatives, in one run.
 
-For each density it times a whole training step (forward + backward to the input, the weights and the bias) of:
+For each density it times a whole training step as a training loop runs it (``zero_grad`` with set_to_none,
+torch's default, then forward, then backward to the input, the weights and the bias) of:
 
     dense        nn.Linear (MKL/oneDNN GEMMs): the baseline every ratio is taken against
     dense*mask   nn.Linear with its weight multiplied by a 0/1 mask (what most sparse-training code does)
@@ -75,29 +76,31 @@ def make_impls(out_f: int, in_f: int, batch: int, density: float, dtype: torch.d
     dy = torch.randn(batch, out_f, dtype=dtype, generator=gen)
     impls: List[Impl] = []
 
-    def run(fn):
+    def run(fn, params):
+        # One step of a training loop: optimizer.zero_grad() (set_to_none, torch's default), forward, backward.
         def step():
-            x.grad = None
+            for p in (x, *params):
+                p.grad = None
             fn().backward(dy)
         return step
 
     if "dense" in include:
         d = nn.Linear(in_f, out_f, dtype=dtype)
-        impls.append(Impl("dense", run(lambda: d(x)), lambda: _tensor_bytes(d.weight, d.weight.grad, d.bias, d.bias.grad)))
+        impls.append(Impl("dense", run(lambda: d(x), list(d.parameters())), lambda: _tensor_bytes(d.weight, d.weight.grad, d.bias, d.bias.grad)))
     mask = None
     if "dense*mask" in include or "torch.sparse" in include or "sparseprop" in include:
         mask = pattern.mask()
     if "dense*mask" in include:
         dm = nn.Linear(in_f, out_f, dtype=dtype)
         m = mask.to(dtype)
-        impls.append(Impl("dense*mask", run(lambda: nn.functional.linear(x, dm.weight * m, dm.bias)),
+        impls.append(Impl("dense*mask", run(lambda: nn.functional.linear(x, dm.weight * m, dm.bias), list(dm.parameters())),
                           lambda: _tensor_bytes(dm.weight, dm.weight.grad, dm.bias, dm.bias.grad, m)))
     if "torch.sparse" in include:
         with warnings.catch_warnings():  # "sparse CSR support is in beta"
             warnings.simplefilter("ignore")
             w_csr = (lin.weight.detach() * mask).to_sparse_csr().requires_grad_()
         b = lin.bias.detach().clone().requires_grad_()
-        impls.append(Impl("torch.sparse", run(lambda: torch.sparse.mm(w_csr, x.T).T + b),
+        impls.append(Impl("torch.sparse", run(lambda: torch.sparse.mm(w_csr, x.T).T + b, [w_csr, b]),
                           lambda: _tensor_bytes(w_csr, w_csr.grad, b, b.grad)))
     if "sparseprop" in include:
         try:
@@ -109,11 +112,11 @@ def make_impls(out_f: int, in_f: int, batch: int, density: float, dtype: torch.d
             with torch.no_grad():
                 ref.weight.copy_(lin.weight * mask)
             sp = SPLinear.from_dense(ref)
-            impls.append(Impl("sparseprop", run(lambda: sp(x)), lambda: _tensor_bytes(
+            impls.append(Impl("sparseprop", run(lambda: sp(x), list(sp.parameters())), lambda: _tensor_bytes(
                 sp.W_val, sp.W_val.grad, sp.bias, None if sp.bias is None else sp.bias.grad, *sp.W_idx)))
     if "sparsecore" in include:
         sl = SparseLinear(in_f, out_f, pattern=pattern, dtype=dtype)
-        impls.append(Impl("sparsecore", run(lambda: sl(x)), lambda: _tensor_bytes(
+        impls.append(Impl("sparsecore", run(lambda: sl(x), list(sl.parameters())), lambda: _tensor_bytes(
             sl.values, sl.values.grad, sl.bias, sl.bias.grad, *sl.pattern.tensors().values())))
     return impls
 

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sparsecore import sparse_linear
+from sparsecore import _C, sparse_linear
 from sparsecore.ops import sddmm, spmm, spmm_t
 from sparsecore.pattern import Pattern
 
@@ -24,6 +24,26 @@ def tol(dtype):
     return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
 
 
+def check_step_vs_reference(mask, batch, dtype, gen):
+    """One forward + backward of sparse_linear with weights at `mask`, against the float64 dense reference."""
+    out_f, in_f = mask.shape
+    p = Pattern.from_mask(mask)
+    w = torch.randn(out_f, in_f, generator=gen, dtype=dtype) * mask
+    values = p.gather(w).requires_grad_()
+    bias = torch.randn(out_f, generator=gen, dtype=dtype, requires_grad=True)
+    x = torch.randn(batch, in_f, generator=gen, dtype=dtype, requires_grad=True)
+    dy = torch.randn(batch, out_f, generator=gen, dtype=dtype)
+    y = sparse_linear(x, values, p, bias)
+    y.backward(dy)
+    y_ref, dx_ref, dw_ref, db_ref = reference(x, w, bias, dy)
+    t = tol(dtype)
+    torch.testing.assert_close(y.double(), y_ref.detach(), **t)
+    torch.testing.assert_close(x.grad.double(), dx_ref, **t)
+    torch.testing.assert_close(values.grad.double(), p.gather(dw_ref), **t)
+    torch.testing.assert_close(bias.grad.double(), db_ref, **t)
+    assert y.dtype == dtype and values.grad.shape == values.shape
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])
@@ -36,23 +56,34 @@ def test_forward_backward_vs_dense(shape, dtype, threads, gen):
                            empty_cols=[in_f - 1] if in_f > 2 else ())
         if mask.sum() == 0:
             mask[out_f // 2, in_f // 2] = True
-        p = Pattern.from_mask(mask)
-        w = torch.randn(out_f, in_f, generator=gen, dtype=dtype) * mask
-        values = p.gather(w).requires_grad_()
-        bias = torch.randn(out_f, generator=gen, dtype=dtype, requires_grad=True)
-        x = torch.randn(batch, in_f, generator=gen, dtype=dtype, requires_grad=True)
-        dy = torch.randn(batch, out_f, generator=gen, dtype=dtype)
-        y = sparse_linear(x, values, p, bias)
-        y.backward(dy)
-        y_ref, dx_ref, dw_ref, db_ref = reference(x, w, bias, dy)
-        t = tol(dtype)
-        torch.testing.assert_close(y.double(), y_ref.detach(), **t)
-        torch.testing.assert_close(x.grad.double(), dx_ref, **t)
-        torch.testing.assert_close(values.grad.double(), p.gather(dw_ref), **t)
-        torch.testing.assert_close(bias.grad.double(), db_ref, **t)
-        assert y.dtype == dtype and values.grad.shape == values.shape
+        check_step_vs_reference(mask, batch, dtype, gen)
     finally:
         torch.set_num_threads(old)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block_bytes", [256, 4096, 0])
+def test_sddmm_column_blocks(block_bytes, dtype, gen):
+    """The SDDMM walks each row once per column block (blocks of block_bytes of the transposed X tile, 0 = the
+    default 256 KiB). Tiny blocks give many empty and 1-3 entry segments; batch 70 gives a 64-row tile and a
+    6-row tail tile."""
+    mask = random_mask(23, 301, 0.3, gen, empty_rows=[5], empty_cols=[0, 1, 2])
+    mask[7] = False
+    mask[7, 150] = True  # a row with a single entry
+    _C._set_sddmm_block_bytes(block_bytes)
+    try:
+        check_step_vs_reference(mask, 70, dtype, gen)
+    finally:
+        _C._set_sddmm_block_bytes(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_transposed_values_gathered_in_a_separate_pass(dtype, gen):
+    """dX reads values[perm]: above 1 MiB of values they are gathered before the kernel, below it during the
+    kernel's first tile (every other test). 290K entries take the separate pass in both dtypes."""
+    mask = random_mask(540, 600, 0.9, gen, empty_cols=[3])
+    assert mask.sum() * 4 > 2**20
+    check_step_vs_reference(mask, 3, dtype, gen)
 
 
 @pytest.mark.parametrize("kind", ["single", "empty", "full_row", "full_col"])
