@@ -179,39 +179,37 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, co
       const int64_t need = rp[j + 1] + GATHER_AHEAD < gend ? rp[j + 1] + GATHER_AHEAD : gend;
       for (; gk < need; ++gk) gval[gk] = values[perm[gk]];
     }
-    V<S> a[NV], c[NV], d[NV], f[NV];
-    for (int v = 0; v < NV; ++v) a[v] = c[v] = d[v] = f[v] = V<S>{};
+    // U live connections per iteration on separate accumulators hide the FMA and L2 latencies; U * NV
+    // accumulators and U broadcasts must fit the 16 vector registers.
+    constexpr int U = NV >= 4 ? 2 : 4;
+    V<S> acc[U][NV];
+    for (int u = 0; u < U; ++u)
+      for (int v = 0; v < NV; ++v) acc[u][v] = V<S>{};
     int64_t k = rp[j];
     const int64_t e = rp[j + 1];
-    // Four live connections per iteration on separate accumulators hide the FMA and L2 latencies.
-    for (; k + 3 < e; k += 4) {
-      if (GATHER && gk + 4 <= gend) {
-        for (int u = 0; u < 4; ++u) gval[gk + u] = values[perm[gk + u]];
-        gk += 4;
+    for (; k + U - 1 < e; k += U) {
+      if (GATHER && gk + U <= gend) {
+        for (int u = 0; u < U; ++u) gval[gk + u] = values[perm[gk + u]];
+        gk += U;
       }
       // Column indices two per 64-bit load: the loop is bound by load ports, not by arithmetic.
-      uint64_t c01, c23;
-      __builtin_memcpy(&c01, col + k, 8);
-      __builtin_memcpy(&c23, col + k + 2, 8);
-      const S* x0 = Xt + static_cast<int64_t>(static_cast<uint32_t>(c01)) * T;
-      const S* x1 = Xt + static_cast<int64_t>(c01 >> 32) * T;
-      const S* x2 = Xt + static_cast<int64_t>(static_cast<uint32_t>(c23)) * T;
-      const S* x3 = Xt + static_cast<int64_t>(c23 >> 32) * T;
-      const V<S> w0 = vsplat<S>(val[k]), w1 = vsplat<S>(val[k + 1]);
-      const V<S> w2 = vsplat<S>(val[k + 2]), w3 = vsplat<S>(val[k + 3]);
-      for (int v = 0; v < NV; ++v) {
-        a[v] += w0 * vload<S>(x0 + v * L);
-        c[v] += w1 * vload<S>(x1 + v * L);
-        d[v] += w2 * vload<S>(x2 + v * L);
-        f[v] += w3 * vload<S>(x3 + v * L);
+      uint64_t cc[U / 2];
+      for (int u = 0; u < U / 2; ++u) __builtin_memcpy(&cc[u], col + k + 2 * u, 8);
+      for (int u = 0; u < U; ++u) {
+        const uint64_t ci = (u & 1) ? (cc[u / 2] >> 32) : static_cast<uint32_t>(cc[u / 2]);
+        const S* x = Xt + static_cast<int64_t>(ci) * T;
+        const V<S> w = vsplat<S>(val[k + u]);
+        for (int v = 0; v < NV; ++v) acc[u][v] += w * vload<S>(x + v * L);
       }
     }
+    V<S>* a = acc[0];
     for (; k < e; ++k) {
       const S* x0 = Xt + static_cast<int64_t>(col[k]) * T;
       const V<S> w0 = vsplat<S>(val[k]);
       for (int v = 0; v < NV; ++v) a[v] += w0 * vload<S>(x0 + v * L);
     }
-    for (int v = 0; v < NV; ++v) a[v] += c[v] + (d[v] + f[v]);
+    for (int u = 1; u < U; ++u)
+      for (int v = 0; v < NV; ++v) a[v] += acc[u][v];
     const S b = bias ? bias[j] : S(0);
     for (int v = 0; v < NV; ++v) {
       const V<S> o = a[v] + b;
