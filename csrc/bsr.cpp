@@ -8,6 +8,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "scratch.h"
 
 #define SC_ISA generic
 #define SC_VBYTES 16
@@ -33,13 +34,6 @@ namespace sc {
 
 std::vector<int64_t> balanced_split(const int32_t* rp, int64_t n, int nt);  // kernels.cpp
 
-template <class S>
-static S* alloc_aligned(int64_t n) {
-  void* p = std::aligned_alloc(64, ((std::max<int64_t>(n, 1) * sizeof(S) + 63) / 64) * 64);
-  if (!p) throw std::bad_alloc();
-  return static_cast<S*>(p);
-}
-
 // Shared driver of the forward (perm == nullptr) and dX (perm given) BSR SpMM.
 template <class S>
 static void bsr_spmm_run(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& idx, const int32_t* perm,
@@ -64,8 +58,8 @@ static void bsr_spmm_run(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<
   py::gil_scoped_release nogil;
   if (B == 0) return;
   const std::vector<int64_t> split = balanced_split(rp, n_brows, nt);
-  S* buf = alloc_aligned<S>(2 * n_in * NV * L);
-  S* acc = alloc_aligned<S>(int64_t(nt) * bs * NV * L);
+  S* buf = scratch<S>(0, 2 * n_in * NV * L);
+  S* acc = scratch<S>(1, int64_t(nt) * bs * NV * L);
 #define SC_BSR_CALL(NS, N) \
   NS::bsr_spmm<S, N>(xp, B, n_in, rp, ix, perm, vp, bs, n_brows, bias, yp, split.data(), nt, buf, acc)
 #ifdef SC_HAVE_AVX2
@@ -77,8 +71,6 @@ static void bsr_spmm_run(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<
     if (NV == 1) SC_BSR_CALL(generic, 1); else SC_BSR_CALL(generic, 2);
   }
 #undef SC_BSR_CALL
-  std::free(buf);
-  std::free(acc);
 }
 
 template <class S>
@@ -122,16 +114,14 @@ void bsr_sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr,
     std::fill(dv, dv + numel(dval), S(0));
     return;
   }
-  S* ybuf = alloc_aligned<S>(int64_t(nt) * B * bs);
-  S* xbuf = alloc_aligned<S>(int64_t(nt) * B * bs);
+  S* ybuf = scratch<S>(0, int64_t(nt) * B * bs);
+  S* xbuf = scratch<S>(1, int64_t(nt) * B * bs);
 #ifdef SC_HAVE_AVX2
   if (cpu_has_avx2())
     avx2::bsr_sddmm<S>(yp, xp, B, n_out, n_in, rp, ci, bs, dv, split.data(), nt, ybuf, xbuf);
   else
 #endif
     generic::bsr_sddmm<S>(yp, xp, B, n_out, n_in, rp, ci, bs, dv, split.data(), nt, ybuf, xbuf);
-  std::free(ybuf);
-  std::free(xbuf);
 }
 
 void bind_bsr(py::module_& m) {

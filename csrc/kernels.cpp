@@ -9,6 +9,7 @@
 
 #include "common.h"
 #include "dispatch.h"
+#include "scratch.h"
 
 #define SC_ISA generic
 #define SC_VBYTES 16
@@ -61,16 +62,6 @@ static int pick_nv(int64_t B, int lanes, int max_nv) {
   return nv;
 }
 
-template <class S>
-struct aligned_buf {
-  S* p = nullptr;
-  explicit aligned_buf(int64_t n) {
-    if (n > 0) p = static_cast<S*>(std::aligned_alloc(64, ((n * sizeof(S) + 63) / 64) * 64));
-    if (n > 0 && !p) throw std::bad_alloc();
-  }
-  ~aligned_buf() { std::free(p); }
-};
-
 #define SC_DISPATCH_NV(NV, CALL_GEN, CALL_AVX)                 \
   do {                                                          \
     if (use_avx2) {                                             \
@@ -114,13 +105,13 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   py::gil_scoped_release nogil;
   const int32_t* pe = perm.size() > 0 ? perm.data() : nullptr;
   const S* val = values.data();
-  // values[perm] (nnz), freed on return. Its reads land at random in `values`: while the values fit in ~1 MiB
+  // values[perm] (nnz) in scratch slot 1. Its reads land at random in `values`: while the values fit in ~1 MiB
   // the kernel's first tile gathers them between its FMAs (free at 1% density of a 4096x4096 layer, where a
   // separate pass cost 0.35 ms); a larger array misses the caches at nearly every read, which stalls that tile
   // more than a pass of its own costs (2.1 vs 3.6 ms at 10% density, 2 threads).
-  std::unique_ptr<S[]> gathered(pe ? new S[nnz] : nullptr);
+  S* gathered = pe ? scratch<S>(1, nnz) : nullptr;
   if (pe && nnz * int64_t(sizeof(S)) > (1 << 20)) {
-    S* g = gathered.get();
+    S* g = gathered;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nnz; ++t) g[t] = val[pe[t]];
     val = g;
@@ -128,10 +119,10 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   }
   if (B == 0) return;
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  aligned_buf<S> buf(2 * n_cols * NV * L);
-#define GEN(N) generic::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered.get(), n_rows, bias, yp, split.data(), nt, buf.p)
+  S* buf = scratch<S>(0, 2 * n_cols * NV * L);
+#define GEN(N) generic::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yp, split.data(), nt, buf)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered.get(), n_rows, bias, yp, split.data(), nt, buf.p)
+#define AVX(N) avx2::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yp, split.data(), nt, buf)
 #else
 #define AVX(N) GEN(N)
 #endif
@@ -174,18 +165,18 @@ void sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr, con
   const int64_t long_blocks = numel(col) / (32 * std::max<int64_t>(1, n_rows));
   const int64_t n_blocks = std::max<int64_t>(1, std::min(fit_blocks, long_blocks));
   const int64_t block_cols = (n_cols + n_blocks - 1) / n_blocks;
-  std::vector<int32_t> seg(n_rows * (n_blocks + 1));
+  int32_t* seg = scratch<int32_t>(1, n_rows * (n_blocks + 1));
 #pragma omp parallel for num_threads(nt) schedule(static)
   for (int64_t j = 0; j < n_rows; ++j) {
-    int32_t* sj = seg.data() + j * (n_blocks + 1);
+    int32_t* sj = seg + j * (n_blocks + 1);
     for (int64_t q = 0; q < n_blocks; ++q)
       sj[q] = static_cast<int32_t>(std::lower_bound(ci + rp[j], ci + rp[j + 1], q * block_cols) - ci);
     sj[n_blocks] = rp[j + 1];
   }
-  aligned_buf<S> buf(2 * (n_cols + n_rows) * NV * L);
-#define GEN(N) generic::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg.data(), buf.p)
+  S* buf = scratch<S>(0, 2 * (n_cols + n_rows) * NV * L);
+#define GEN(N) generic::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg.data(), buf.p)
+#define AVX(N) avx2::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf)
 #else
 #define AVX(N) GEN(N)
 #endif
@@ -210,6 +201,8 @@ void bind_kernels(py::module_& m) {
   m.def("_set_tile_vectors", [](int nv) { g_nv_override = nv; }, "tuning hook: vectors per batch tile (0 = auto)");
   m.def("_set_sddmm_block_bytes", [](int64_t b) { g_sddmm_block_bytes = b > 0 ? b : (256 << 10); },
         "tuning hook: bytes of the X tile per SDDMM column block (<= 0 = default)");
+  m.def("release_scratch", &release_scratch,
+        "free the calling thread's kernel scratch buffers (kept between calls to avoid page faults)");
   m.def("has_avx2", &cpu_has_avx2, "True when the AVX2+FMA kernels are in use");
 }
 
