@@ -181,7 +181,7 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, co
     }
     // U live connections per iteration on separate accumulators hide the FMA and L2 latencies; U * NV
     // accumulators and U broadcasts must fit the 16 vector registers.
-    constexpr int U = NV >= 4 ? 2 : 4;
+    constexpr int U = NV >= 8 ? 1 : (NV >= 4 ? 2 : 4);
     V<S> acc[U][NV];
     for (int u = 0; u < U; ++u)
       for (int v = 0; v < NV; ++v) acc[u][v] = V<S>{};
@@ -193,8 +193,10 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, co
         gk += U;
       }
       // Column indices two per 64-bit load: the loop is bound by load ports, not by arithmetic.
-      uint64_t cc[U / 2];
-      for (int u = 0; u < U / 2; ++u) __builtin_memcpy(&cc[u], col + k + 2 * u, 8);
+      uint64_t cc[(U + 1) / 2];
+      if constexpr (U == 1) cc[0] = static_cast<uint32_t>(col[k]);
+      else
+        for (int u = 0; u < U / 2; ++u) __builtin_memcpy(&cc[u], col + k + 2 * u, 8);
       for (int u = 0; u < U; ++u) {
         const uint64_t ci = (u & 1) ? (cc[u / 2] >> 32) : static_cast<uint32_t>(cc[u / 2]);
         const S* x = Xt + static_cast<int64_t>(ci) * T;

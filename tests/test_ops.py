@@ -79,6 +79,19 @@ def test_sddmm_column_blocks(block_bytes, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nv", [1, 2, 4, 8])
+def test_every_tile_width(nv, dtype, gen):
+    """The kernels pick the batch tile (nv SIMD vectors per row) from the batch; the tuning hook forces each
+    width, so every unrolling of the SpMM and SDDMM loops is checked (batch 70: full tiles and a tail)."""
+    mask = random_mask(29, 41, 0.3, gen, empty_rows=[2], empty_cols=[5])
+    _C._set_tile_vectors(nv)
+    try:
+        check_step_vs_reference(mask, 70, dtype, gen)
+    finally:
+        _C._set_tile_vectors(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_transposed_values_gathered_in_a_separate_pass(dtype, gen):
     """dX reads values[perm]: above 1 MiB of values they are gathered before the kernel, below it during the
     kernel's first tile (every other test). 290K entries take the separate pass in both dtypes."""
