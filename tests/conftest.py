@@ -4,6 +4,8 @@ import sys
 import pytest
 import torch
 
+from sparsecore import sparse_linear
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
@@ -22,3 +24,35 @@ def random_mask(out_f, in_f, density, gen, empty_rows=(), empty_cols=()):
 @pytest.fixture
 def gen():
     return torch.Generator().manual_seed(1234)
+
+
+def reference(x, w, b, dy):
+    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b64 = None if b is None else b.detach().double().requires_grad_()
+    y = x64 @ w64.T + (0 if b64 is None else b64)
+    y.backward(dy.double())
+    return y, x64.grad, w64.grad, (None if b64 is None else b64.grad)
+
+
+def tol(dtype):
+    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
+
+
+def check_step_vs_reference(p, w, batch, gen):
+    """One forward + backward of sparse_linear with pattern p and dense weights w (zero off the pattern), against
+    the float64 dense reference: output and the gradients of the input, the values and the bias."""
+    out_f, in_f = w.shape
+    dtype = w.dtype
+    values = p.gather(w).requires_grad_()
+    bias = torch.randn(out_f, generator=gen, dtype=dtype, requires_grad=True)
+    x = torch.randn(batch, in_f, generator=gen, dtype=dtype, requires_grad=True)
+    dy = torch.randn(batch, out_f, generator=gen, dtype=dtype)
+    y = sparse_linear(x, values, p, bias)
+    y.backward(dy)
+    y_ref, dx_ref, dw_ref, db_ref = reference(x, w, bias, dy)
+    t = tol(dtype)
+    torch.testing.assert_close(y.double(), y_ref.detach(), **t)
+    torch.testing.assert_close(x.grad.double(), dx_ref, **t)
+    torch.testing.assert_close(values.grad.double(), p.gather(dw_ref), **t)
+    torch.testing.assert_close(bias.grad.double(), db_ref, **t)
+    assert y.dtype == dtype and values.grad.shape == values.shape

@@ -1,4 +1,6 @@
 """The sparse linear op on the C++ CPU kernels against a float64 dense reference."""
+import contextlib
+
 import pytest
 import torch
 
@@ -6,42 +8,26 @@ from sparsecore import _C, sparse_linear
 from sparsecore.ops import sddmm, spmm, spmm_t
 from sparsecore.pattern import Pattern
 
-from conftest import random_mask
+from conftest import check_step_vs_reference, random_mask, reference, tol
 
 # (out, in, batch): 1xN, Nx1, odd sizes, batch 1, batches that are not a multiple of any tile width (8/16/64)
 SHAPES = [(1, 1, 1), (1, 9, 3), (9, 1, 4), (13, 17, 5), (37, 29, 1), (33, 65, 70), (64, 40, 131), (20, 300, 17)]
 
 
-def reference(x, w, b, dy):
-    x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
-    b64 = None if b is None else b.detach().double().requires_grad_()
-    y = x64 @ w64.T + (0 if b64 is None else b64)
-    y.backward(dy.double())
-    return y, x64.grad, w64.grad, (None if b64 is None else b64.grad)
+def check_mask(mask, batch, dtype, gen):
+    """check_step_vs_reference with random weights at the True entries of `mask`."""
+    w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
+    check_step_vs_reference(Pattern.from_mask(mask), w, batch, gen)
 
 
-def tol(dtype):
-    return dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-
-
-def check_step_vs_reference(mask, batch, dtype, gen):
-    """One forward + backward of sparse_linear with weights at `mask`, against the float64 dense reference."""
-    out_f, in_f = mask.shape
-    p = Pattern.from_mask(mask)
-    w = torch.randn(out_f, in_f, generator=gen, dtype=dtype) * mask
-    values = p.gather(w).requires_grad_()
-    bias = torch.randn(out_f, generator=gen, dtype=dtype, requires_grad=True)
-    x = torch.randn(batch, in_f, generator=gen, dtype=dtype, requires_grad=True)
-    dy = torch.randn(batch, out_f, generator=gen, dtype=dtype)
-    y = sparse_linear(x, values, p, bias)
-    y.backward(dy)
-    y_ref, dx_ref, dw_ref, db_ref = reference(x, w, bias, dy)
-    t = tol(dtype)
-    torch.testing.assert_close(y.double(), y_ref.detach(), **t)
-    torch.testing.assert_close(x.grad.double(), dx_ref, **t)
-    torch.testing.assert_close(values.grad.double(), p.gather(dw_ref), **t)
-    torch.testing.assert_close(bias.grad.double(), db_ref, **t)
-    assert y.dtype == dtype and values.grad.shape == values.shape
+@contextlib.contextmanager
+def tuned(set_hook, value):
+    """Run the block with a kernel tuning hook of sparsecore._C set to value, then back to automatic (0)."""
+    set_hook(value)
+    try:
+        yield
+    finally:
+        set_hook(0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -56,7 +42,7 @@ def test_forward_backward_vs_dense(shape, dtype, threads, gen):
                            empty_cols=[in_f - 1] if in_f > 2 else ())
         if mask.sum() == 0:
             mask[out_f // 2, in_f // 2] = True
-        check_step_vs_reference(mask, batch, dtype, gen)
+        check_mask(mask, batch, dtype, gen)
     finally:
         torch.set_num_threads(old)
 
@@ -71,11 +57,8 @@ def test_sddmm_column_blocks(block_bytes, dtype, gen):
     mask[7] = False
     mask[7, 150] = True  # a row with a single entry
     mask[9, 200:] = False  # a row with entries in the first blocks only
-    _C._set_sddmm_block_bytes(block_bytes)
-    try:
-        check_step_vs_reference(mask, 70, dtype, gen)
-    finally:
-        _C._set_sddmm_block_bytes(0)
+    with tuned(_C._set_sddmm_block_bytes, block_bytes):
+        check_mask(mask, 70, dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -84,11 +67,8 @@ def test_every_tile_width(nv, dtype, gen):
     """The kernels pick the batch tile (nv SIMD vectors per row) from the batch; the tuning hook forces each
     width, so every unrolling of the SpMM and SDDMM loops is checked (batch 70: full tiles and a tail)."""
     mask = random_mask(29, 41, 0.3, gen, empty_rows=[2], empty_cols=[5])
-    _C._set_tile_vectors(nv)
-    try:
-        check_step_vs_reference(mask, 70, dtype, gen)
-    finally:
-        _C._set_tile_vectors(0)
+    with tuned(_C._set_tile_vectors, nv):
+        check_mask(mask, 70, dtype, gen)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -97,7 +77,7 @@ def test_transposed_values_gathered_in_a_separate_pass(dtype, gen):
     kernel's first tile (every other test). 290K entries take the separate pass in both dtypes."""
     mask = random_mask(540, 600, 0.9, gen, empty_cols=[3])
     assert mask.sum() * 4 > 2**20
-    check_step_vs_reference(mask, 3, dtype, gen)
+    check_mask(mask, 3, dtype, gen)
 
 
 @pytest.mark.parametrize("kind", ["single", "empty", "full_row", "full_col"])

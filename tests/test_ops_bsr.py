@@ -5,6 +5,8 @@ import torch
 from sparsecore import SparseLinear, sparse_linear
 from sparsecore.pattern import Pattern
 
+from conftest import check_step_vs_reference
+
 
 def bsr_case(out_f, in_f, bs, density, gen, dtype, empty_block_row=True):
     bm = torch.rand(out_f // bs, in_f // bs, generator=gen) < density
@@ -28,20 +30,7 @@ def test_bsr_forward_backward(bs, out_f, in_f, batch, dtype, threads, gen):
     torch.set_num_threads(threads)
     try:
         p, w = bsr_case(out_f, in_f, bs, 0.5, gen, dtype)
-        values = p.gather(w).requires_grad_()
-        bias = torch.randn(out_f, generator=gen, dtype=dtype, requires_grad=True)
-        x = torch.randn(batch, in_f, generator=gen, dtype=dtype, requires_grad=True)
-        dy = torch.randn(batch, out_f, generator=gen, dtype=dtype)
-        y = sparse_linear(x, values, p, bias)
-        y.backward(dy)
-        x64, w64 = x.detach().double().requires_grad_(), w.double().requires_grad_()
-        y_ref = x64 @ w64.T + bias.detach().double()
-        y_ref.backward(dy.double())
-        t = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else dict(rtol=1e-10, atol=1e-10)
-        torch.testing.assert_close(y.double(), y_ref.detach(), **t)
-        torch.testing.assert_close(x.grad.double(), x64.grad, **t)
-        torch.testing.assert_close(values.grad.double(), p.gather(w64.grad), **t)
-        torch.testing.assert_close(bias.grad.double(), dy.double().sum(0), **t)
+        check_step_vs_reference(p, w, batch, gen)
     finally:
         torch.set_num_threads(old)
 
