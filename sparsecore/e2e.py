@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .models import METHODS
-from .train import (TrainConfig, TrainError, _key_value, _write_text_atomic, add_common_arguments, machine_info,
-                    train)
+from .train import (TrainConfig, TrainError, _key_value, _write_text_atomic, add_common_arguments,
+                    check_common_arguments, common_config, machine_info, train)
 
 __all__ = ["main", "run", "format_table", "plot"]
 
@@ -273,15 +273,9 @@ def run(methods: Sequence[str], *, out: Optional[str] = "e2e-results", plot_png:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
-    if a.data_dir is not None and not Path(a.data_dir).is_dir():
-        p.error(f"--data-dir {a.data_dir!r} does not exist or is not a folder")
-    if a.momentum == 0 and not a.no_nesterov:
-        p.error("Nesterov momentum needs --momentum > 0 (or --no-nesterov)")
-    kw = dict(dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs, hidden=tuple(a.hidden),
-              batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, nesterov=not a.no_nesterov,
-              weight_decay=a.weight_decay, seed=a.seed, val_fraction=a.val_fraction, threads=a.threads)
+    check_common_arguments(p, a)
     try:
-        run(a.methods, out=a.out, plot_png=not a.no_plot, quiet=a.quiet, runs=a.run, **kw)
+        run(a.methods, out=a.out, plot_png=not a.no_plot, quiet=a.quiet, runs=a.run, **common_config(a))
     except TrainError as e:
         print(f"sparsecore bench e2e: error: {e}", file=sys.stderr)
         return 2

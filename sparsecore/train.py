@@ -729,11 +729,23 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def check_common_arguments(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """The checks of the options of :func:`add_common_arguments` that argparse cannot make alone."""
+    if a.data_dir is not None and not Path(a.data_dir).is_dir():
+        p.error(f"--data-dir {a.data_dir!r} does not exist or is not a folder")
+    if a.momentum == 0 and not a.no_nesterov:
+        p.error("Nesterov momentum needs --momentum > 0 (or --no-nesterov)")
+
+
+def common_config(a: argparse.Namespace) -> dict:
+    """TrainConfig fields of the options of :func:`add_common_arguments` (plus epochs)."""
+    return dict(dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs, hidden=tuple(a.hidden),
+                batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, nesterov=not a.no_nesterov,
+                weight_decay=a.weight_decay, seed=a.seed, val_fraction=a.val_fraction, threads=a.threads)
+
+
 def config_from_args(a: argparse.Namespace, **overrides) -> TrainConfig:
-    kw = dict(method=a.method, dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs, hidden=tuple(a.hidden),
-              batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, nesterov=not a.no_nesterov,
-              weight_decay=a.weight_decay, seed=a.seed, val_fraction=a.val_fraction, threads=a.threads,
-              quiet=a.quiet)
+    kw = dict(common_config(a), method=a.method, quiet=a.quiet)
     for k in ("epsilon", "density", "json", "checkpoint", "resume", "eval_batch_size", "stop_after_epoch"):
         if hasattr(a, k):
             kw[k] = getattr(a, k)
@@ -750,10 +762,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if a.resume and not a.checkpoint:
         p.error("--resume needs --checkpoint DIR")
-    if a.data_dir is not None and not Path(a.data_dir).is_dir():
-        p.error(f"--data-dir {a.data_dir!r} does not exist or is not a folder")
-    if a.no_nesterov is False and a.momentum == 0:
-        p.error("Nesterov momentum needs --momentum > 0 (or --no-nesterov)")
+    check_common_arguments(p, a)
     try:
         train(config_from_args(a))
     except TrainError as e:
