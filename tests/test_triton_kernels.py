@@ -50,6 +50,18 @@ def rounded(t, dtype):
     return t, t.double()
 
 
+def half_inputs(p, w, batch, dtype, seed):
+    """Values, x, dy and bias of a half-precision test, each as (dtype tensor, its exact float64 value), and the
+    float64 dense weight the kernels see."""
+    out_f, in_f = w.shape
+    g = torch.Generator().manual_seed(seed)
+    v, v64 = rounded(p.gather(w), dtype)
+    x = rounded(torch.randn(batch, in_f, generator=g), dtype)
+    dy = rounded(torch.randn(batch, out_f, generator=g), dtype)
+    bias = rounded(torch.randn(out_f, generator=g), dtype)
+    return v, x, dy, bias, p.to_dense(v64)
+
+
 def make_csr(out_f, in_f, density, seed, empty_row=None, empty_col=None):
     g = torch.Generator().manual_seed(seed)
     mask = torch.rand(out_f, in_f, generator=g) < density
@@ -152,12 +164,7 @@ def test_csr_non_contiguous():
 def test_csr_half(dtype):
     out_f, in_f, batch = 13, 19, 9
     p, w = make_csr(out_f, in_f, 0.5, seed=5, empty_row=2)
-    g = torch.Generator().manual_seed(4)
-    v, v64 = rounded(p.gather(w), dtype)
-    x, x64 = rounded(torch.randn(batch, in_f, generator=g), dtype)
-    dy, dy64 = rounded(torch.randn(batch, out_f, generator=g), dtype)
-    bias, b64 = rounded(torch.randn(out_f, generator=g), dtype)
-    w64 = p.to_dense(v64)
+    v, (x, x64), (dy, dy64), (bias, b64), w64 = half_inputs(p, w, batch, dtype, seed=4)
     close(tk.csr_spmm(x, v, p.rowptr, p.col, out_f, bias), x64 @ w64.T + b64, dtype)
     close(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f), dy64 @ w64, dtype)
     close(tk.csr_sddmm(dy, x, p.rowptr, p.col), p.gather(dy64.T @ x64), dtype)
@@ -219,12 +226,7 @@ def test_bsr_non_contiguous_and_empty():
 def test_bsr_half(dtype):
     bs, out_f, in_f, batch = 16, 32, 64, 20
     p, w = make_bsr(out_f, in_f, bs, 0.6, seed=12, empty_bcol=1)
-    g = torch.Generator().manual_seed(9)
-    v, v64 = rounded(p.gather(w), dtype)
-    x, x64 = rounded(torch.randn(batch, in_f, generator=g), dtype)
-    dy, dy64 = rounded(torch.randn(batch, out_f, generator=g), dtype)
-    bias, b64 = rounded(torch.randn(out_f, generator=g), dtype)
-    w64 = p.to_dense(v64)
+    v, (x, x64), (dy, dy64), (bias, b64), w64 = half_inputs(p, w, batch, dtype, seed=9)
     close(tk.bsr_spmm(x, v, p.rowptr, p.col, out_f, bias), x64 @ w64.T + b64, dtype)
     close(tk.bsr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f), dy64 @ w64, dtype)
     close(tk.bsr_sddmm(dy, x, p.rowptr, p.col, bs), p.gather(dy64.T @ x64), dtype)
