@@ -25,7 +25,7 @@ import sparsecore  # noqa: E402
 from sparsecore import SparseLinear  # noqa: E402
 from sparsecore.dst import Updater  # noqa: E402
 from sparsecore.dst import edit as E  # noqa: E402
-from sparsecore.train import _proc_status_kb  # noqa: E402
+from sparsecore.train import _proc_status_kb, _reset_peak_rss  # noqa: E402
 
 
 def _status(field: str) -> int:
@@ -33,20 +33,11 @@ def _status(field: str) -> int:
     return _proc_status_kb(field) or 0
 
 
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def measure(fn, reps: int):
     """(median ms, max extra peak MiB over the runs) of fn()."""
     times, peaks = [], []
     for _ in range(reps):
-        ok = _reset_peak()
+        ok = _reset_peak_rss()
         base = _status("VmRSS")
         t0 = time.perf_counter()
         fn()
