@@ -333,6 +333,24 @@ struct StreamDraw {
       std::sort(out, out + o);
     }
   }
+  // After a successful run(): off (n_rows + 1) = CSR offsets of the drawn positions, cols (k) = their columns,
+  // sorted within each row, and rows (k, may be null) = their rows.
+  void collect(int64_t n_rows, int nt, int64_t* off, int32_t* cols, int32_t* rows) const {
+    off[0] = 0;
+#pragma omp parallel for num_threads(nt) schedule(static)
+    for (int64_t r = 0; r < n_rows; ++r) off[r + 1] = count_row(r);
+    for (int64_t r = 0; r < n_rows; ++r) off[r + 1] += off[r];
+#pragma omp parallel num_threads(nt)
+    {
+      std::vector<uint64_t> bm(words, 0);
+#pragma omp for schedule(dynamic, 64)
+      for (int64_t r = 0; r < n_rows; ++r) {
+        if (off[r + 1] == off[r]) continue;
+        if (rows) std::fill(rows + off[r], rows + off[r + 1], int32_t(r));
+        row_cols(r, off[r + 1] - off[r], cols + off[r], bm);
+      }
+    }
+  }
 };
 
 // The k empty positions with the smallest tie keys (uniform too), for when empty positions are few. O(N).
@@ -419,20 +437,8 @@ py::tuple random_absent(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, con
       StreamDraw D;
       ok = D.run(O, n_rows, n_cols, A, k, smix, nt);
       if (ok) {
-        std::vector<int64_t> off(n_rows + 1, 0);
-#pragma omp parallel for num_threads(nt) schedule(static)
-        for (int64_t r = 0; r < n_rows; ++r) off[r + 1] = D.count_row(r);
-        for (int64_t r = 0; r < n_rows; ++r) off[r + 1] += off[r];
-#pragma omp parallel num_threads(nt)
-        {
-          std::vector<uint64_t> bm(D.words, 0);
-#pragma omp for schedule(dynamic, 64)
-          for (int64_t r = 0; r < n_rows; ++r) {
-            if (off[r + 1] == off[r]) continue;
-            std::fill(ro + off[r], ro + off[r + 1], int32_t(r));
-            D.row_cols(r, off[r + 1] - off[r], cl + off[r], bm);
-          }
-        }
+        std::vector<int64_t> off(n_rows + 1);
+        D.collect(n_rows, nt, off.data(), cl, ro);
       }
     } else {
       const std::vector<int64_t> pos = enumerate_absent(O, n_rows, n_cols, k, smix, nt);
@@ -761,18 +767,7 @@ py::object regrow_random(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, co
   {
     py::gil_scoped_release nogil;
     ok = D.run(O, n_rows, n_cols, A, k, seed_mix(seed), nt);
-    if (ok && k > 0) {
-#pragma omp parallel for num_threads(nt) schedule(static)
-      for (int64_t r = 0; r < n_rows; ++r) off[r + 1] = D.count_row(r);
-      for (int64_t r = 0; r < n_rows; ++r) off[r + 1] += off[r];
-#pragma omp parallel num_threads(nt)
-      {
-        std::vector<uint64_t> bm(D.words, 0);
-#pragma omp for schedule(dynamic, 64)
-        for (int64_t r = 0; r < n_rows; ++r)
-          if (off[r + 1] > off[r]) D.row_cols(r, off[r + 1] - off[r], nc.data() + off[r], bm);
-      }
-    }
+    if (ok && k > 0) D.collect(n_rows, nt, off.data(), nc.data(), nullptr);
   }
   require(ok, "random regrowth: could not draw the new positions");
   return merge_to_arrays(cptr(rowptr), cptr(col), keep, n_rows, n_cols, off.data(), nc.data(), k, nt);
