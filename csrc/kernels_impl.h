@@ -5,7 +5,8 @@
 // Layout. Activations are row-major (batch, features), as torch gives them. The kernels tile the batch by
 // T = NV * lanes rows and transpose each tile into a feature-major buffer Xt (features, T) shared by the threads;
 // one live connection is then a broadcast weight times NV contiguous vectors: no gathers, no atomics.
-// Threads split the CSR rows into blocks of equal nnz; the row loop is the only parallel loop over compute.
+// Threads split the CSR rows into blocks of equal nnz (the SDDMM, and the SpMM with few tiles) or take whole
+// batch tiles each (the SpMM with at least two tiles per thread); either way no two threads write one output.
 
 namespace SC_ISA {
 
@@ -229,17 +230,28 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, co
 // Y (B, n_rows) = X (B, n_cols) W^T + bias, W in CSR (rp, col, values). split: nt+1 row boundaries.
 // With perm the weights are values[perm] (dX = dY W over the transpose index); they are gathered into gval
 // (nnz) during the first tile.
+//
+// Two ways to share the work. Row split (few batch tiles): per tile, the threads transpose a share of it into a
+// buffer all of them read, meet at a barrier, then each computes its rows. Tile split (by_tile, at least two
+// tiles per thread): each thread takes whole tiles from a shared counter, transposes them into its own buffer
+// and computes every row: no barrier per tile, and the tile a thread reads is the one it wrote (in its own L2).
+// With a gather (perm and gval), the first tile still goes by rows: its row blocks fill gval for all later tiles.
 template <class S, int NV>
 void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_t* col, const S* values,
-          const int32_t* perm, S* gval, int64_t n_rows, const S* bias, S* Y, const int64_t* split, int nt, S* buf) {
+          const int32_t* perm, S* gval, int64_t n_rows, const S* bias, S* Y, const int64_t* split, int nt, S* buf,
+          bool by_tile) {
   constexpr int T = NV * lanes<S>();
-  // Two tile buffers: a thread may transpose tile n+1 while another still reads tile n.
+  const int64_t n_tiles = (B + T - 1) / T;
+  // Row split: two tile buffers, so that a thread may transpose tile n+1 while another still reads tile n.
+  // Tile split: one buffer per thread (buf holds max(2, nt) of them).
   S* Xt[2] = {buf, buf + n_cols * T};
+  std::atomic<int64_t> next_tile{0};
 #pragma omp parallel num_threads(nt)
   {
     const int tid = sc::thread_id(), nth = sc::team_size();
-    int n = 0;
-    for (int64_t b0 = 0; b0 < B; b0 += T, ++n) {
+    const int64_t rows_tiles = by_tile ? (perm ? 1 : 0) : n_tiles;  // tiles shared by rows
+    for (int64_t n = 0; n < rows_tiles; ++n) {
+      const int64_t b0 = n * T;
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
       transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
 #pragma omp barrier
@@ -253,6 +265,19 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
         else
           spmm_rows<S, NV, false>(rp, col, gval, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
                                   split[p + 1]);
+      }
+    }
+    if (by_tile) {
+      if (perm) {
+#pragma omp barrier
+      }
+      S* xt = buf + static_cast<int64_t>(tid) * n_cols * T;
+      const S* val = perm ? gval : values;
+      for (int64_t n; (n = rows_tiles + next_tile.fetch_add(1, std::memory_order_relaxed)) < n_tiles;) {
+        const int64_t b0 = n * T;
+        const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
+        transpose_tile(X, n_cols, b0, tb, T, 0, n_cols, xt);
+        spmm_rows<S, NV, false>(rp, col, val, nullptr, nullptr, xt, bias, Y, n_rows, b0, tb, 0, n_rows);
       }
     }
   }

@@ -71,6 +71,36 @@ def test_every_tile_width(nv, dtype, gen):
         check_mask(mask, 70, dtype, gen)
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("nnz_kind", ["gather_in_first_tile", "gather_pass"])
+def test_spmm_work_splits_agree(threads, nnz_kind, gen):
+    """The SpMMs share work by rows of each batch tile or by whole tiles (the hook forces either; automatic takes
+    tiles from two per thread up). Both sum each output in the same order, so y and dX must be bit-identical,
+    and right against the reference; batch 70 = four full 16-row tiles and a 6-row tail. With 290K entries the
+    transposed values are gathered in their own pass, with fewer during the first tile (split by rows)."""
+    if nnz_kind == "gather_pass":
+        mask = random_mask(540, 600, 0.9, gen, empty_rows=[1], empty_cols=[3])
+    else:
+        mask = random_mask(57, 203, 0.3, gen, empty_rows=[1], empty_cols=[3])
+    w = torch.randn(*mask.shape, generator=gen) * mask
+    p = Pattern.from_mask(mask)
+    x = torch.randn(70, mask.shape[1], generator=gen)
+    dy = torch.randn(70, mask.shape[0], generator=gen)
+    values = p.gather(w)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        outs = []
+        for mode in (1, 2):
+            with tuned(_C._set_spmm_split, mode):
+                check_step_vs_reference(p, w, 70, gen)
+                outs.append((spmm(x, values, None, p.rowptr, p.col, p.colptr, p.row, p.perm, p.shape[0], 1),
+                             spmm_t(dy, values, p.colptr, p.row, p.perm, p.shape[1], 1)))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_transposed_values_gathered_in_a_separate_pass(dtype, gen):
     """dX reads values[perm]: above 1 MiB of values they are gathered before the kernel, below it during the
