@@ -146,18 +146,19 @@ def _setup_context(ctx, inputs, output):
     ctx.block_size = block_size
 
 
-def _grads(ctx, dy, spmm_t_fn, sddmm_fn):
-    x, values, rowptr, col, colptr, row, perm = ctx.saved_tensors
+def _grads(ctx, dy, x, values, rowptr, col, colptr, row, perm, spmm_t_fn, sddmm_fn):
+    """(dx, dvalues, dbias) for the inputs that need them (None for the others)."""
     dy = dy.contiguous()
     need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dx = spmm_t_fn(dy, values, colptr, row, perm, x.shape[1], ctx.block_size) if need_x else None
     dv = sddmm_fn(dy, x, rowptr, col, ctx.block_size) if need_v else None
     db = dy.sum(0) if (ctx.has_bias and need_b) else None
-    return dx, dv, db, None, None, None, None, None, None, None
+    return dx, dv, db
 
 
 def _backward(ctx, dy):
-    return _grads(ctx, dy, spmm_t, sddmm)
+    x, values, rowptr, col, colptr, row, perm = ctx.saved_tensors
+    return _grads(ctx, dy, x, values, rowptr, col, colptr, row, perm, spmm_t, sddmm) + (None,) * 7
 
 
 spmm.register_autograd(_backward, setup_context=_setup_context)
@@ -166,16 +167,25 @@ spmm.register_autograd(_backward, setup_context=_setup_context)
 class _EagerSparseLinear(torch.autograd.Function):
     """The same forward and backward as the custom ops, without the dispatcher: in eager mode torch.library's
     Python custom ops cost ~0.3 ms per layer and step, which at high sparsity is more than the kernels. Under
-    torch.compile :func:`sparse_linear` uses the custom ops, which the compiler can trace."""
+    torch.compile :func:`sparse_linear` uses the custom ops, which the compiler can trace.
+
+    The pattern goes in as one Python object, not five tensors: apply() costs per argument, and the index
+    tensors need no version checks (a pattern is never modified in place; edits install new tensors)."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size):
-        _setup_context(ctx, (x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size), None)
-        return _spmm_impl(x, values, bias, rowptr, col, n_out, block_size)
+    def forward(ctx, x, values, bias, pattern):
+        ctx.save_for_backward(x, values)
+        ctx.pattern = pattern
+        ctx.has_bias = bias is not None
+        ctx.block_size = pattern.block_size
+        return _spmm_impl(x, values, bias, pattern.rowptr, pattern.col, pattern.shape[0], pattern.block_size)
 
     @staticmethod
     def backward(ctx, dy):
-        return _grads(ctx, dy, _spmm_t_impl, _sddmm_impl)
+        x, values = ctx.saved_tensors
+        p = ctx.pattern
+        return _grads(ctx, dy, x, values, p.rowptr, p.col, p.colptr, p.row, p.perm, _spmm_t_impl,
+                      _sddmm_impl) + (None,)
 
 
 # ----------------------------------------------------------------------------------------------- user entry
@@ -209,7 +219,9 @@ def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Te
     if not x2.is_contiguous():
         x2 = x2.contiguous()
     values = values if values.is_contiguous() else values.contiguous()
-    op = spmm if torch.compiler.is_compiling() else _EagerSparseLinear.apply
-    y = op(x2, values, bias, pattern.rowptr, pattern.col, pattern.colptr, pattern.row, pattern.perm, out_f,
-           pattern.block_size)
+    if torch.compiler.is_compiling():
+        y = spmm(x2, values, bias, pattern.rowptr, pattern.col, pattern.colptr, pattern.row, pattern.perm, out_f,
+                 pattern.block_size)
+    else:
+        y = _EagerSparseLinear.apply(x2, values, bias, pattern)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
