@@ -158,6 +158,28 @@ def test_zero_batch(gen):
     assert torch.equal(values.grad, torch.zeros_like(values))
 
 
+def test_inference_skips_autograd_with_the_same_result(gen):
+    """Without grad mode, or with nothing that requires grad, sparse_linear calls the kernel directly: the output
+    must be bit-identical to the training path's and carry no graph."""
+    mask = random_mask(9, 14, 0.4, gen, empty_rows=[3])
+    p = Pattern.from_mask(mask)
+    values = torch.randn(p.nnz, generator=gen, requires_grad=True)
+    bias = torch.randn(9, generator=gen, requires_grad=True)
+    x = torch.randn(2, 5, 14, generator=gen)
+    trained = sparse_linear(x, values, p, bias)
+    assert trained.grad_fn is not None
+    with torch.no_grad():
+        y_no_grad = sparse_linear(x, values, p, bias)
+    with torch.inference_mode():
+        y_inference = sparse_linear(x, values, p, bias)
+    y_frozen = sparse_linear(x, values.detach(), p, bias.detach())
+    for y in (y_no_grad, y_inference, y_frozen):
+        assert y.grad_fn is None and not y.requires_grad and y.shape == (2, 5, 9)
+        assert torch.equal(y, trained.detach())
+    torch.testing.assert_close(y_frozen.double(), x.double() @ p.to_dense(values.detach()).double().T
+                               + bias.detach().double(), **tol(torch.float32))
+
+
 def test_gradcheck(gen):
     mask = random_mask(6, 5, 0.5, gen, empty_rows=[1], empty_cols=[2])
     p = Pattern.from_mask(mask)
