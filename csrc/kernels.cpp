@@ -122,10 +122,11 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   // Whole tiles per thread once there are two per thread: no barrier per tile and each thread reads the tile it
-  // transposed from its own L2. Measured on a 2-core Zen 3, 4096x4096, batch 256 (16 tiles), 2 threads, medians
-  // of 40 interleaved calls: 1% density forward 2.94 -> 2.31 ms, dX 3.19 -> 2.62 ms; 10%: 19.8 -> 18.5, 24.5 -> 23.8.
+  // transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of 30-40 interleaved calls:
+  // 4096x4096, batch 256 (16 tiles), 1% density: forward 2.83 -> 2.31 ms, dX 3.03 -> 2.60 ms (10%: -7% and -3%);
+  // 1000x784, batch 100 (7 tiles: 6 whole, 1 by rows), 4.5%: forward 322 -> 215 us, dX 397 -> 264 us.
   const int64_t n_tiles = (B + NV * L - 1) / (NV * L);
-  const bool by_tile = g_spmm_split ? g_spmm_split == 2 : n_tiles >= 2 * int64_t(nt) && nt > 1;
+  const bool by_tile = g_spmm_split ? g_spmm_split == 2 : n_tiles >= 2 * int64_t(nt) + (pe ? 1 : 0) && nt > 1;
   S* buf = scratch<S>(0, std::max(2, nt) * n_cols * NV * L);
 #define GEN(N) generic::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yp, split.data(), nt, buf, by_tile)
 #ifdef SC_HAVE_AVX2

@@ -231,26 +231,28 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, co
 // With perm the weights are values[perm] (dX = dY W over the transpose index); they are gathered into gval
 // (nnz) during the first tile.
 //
-// Two ways to share the work. Row split (few batch tiles): per tile, the threads transpose a share of it into a
-// buffer all of them read, meet at a barrier, then each computes its rows. Tile split (by_tile, at least two
-// tiles per thread): each thread takes whole tiles from a shared counter, transposes them into its own buffer
-// and computes every row: no barrier per tile, and the tile a thread reads is the one it wrote (in its own L2).
-// With a gather (perm and gval), the first tile still goes by rows: its row blocks fill gval for all later tiles.
+// Two ways to share a tile's work. By rows: the threads transpose a share of the tile into a buffer all of them
+// read, meet at a barrier, then each computes its rows. Whole tiles: each thread takes tiles from a shared counter,
+// transposes them into its own buffer and computes every row: no barrier per tile, and the tile a thread reads is
+// the one it wrote (in its own L2). With by_tile, n_whole tiles (a multiple of the thread count) go whole and the
+// others by rows: the first one when it gathers gval for the rest, and the last n_tiles - n_whole - head ones, so
+// that every thread gets the same share.
 template <class S, int NV>
 void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_t* col, const S* values,
           const int32_t* perm, S* gval, int64_t n_rows, const S* bias, S* Y, const int64_t* split, int nt, S* buf,
           bool by_tile) {
   constexpr int T = NV * lanes<S>();
   const int64_t n_tiles = (B + T - 1) / T;
-  // Row split: two tile buffers, so that a thread may transpose tile n+1 while another still reads tile n.
-  // Tile split: one buffer per thread (buf holds max(2, nt) of them).
+  const int64_t head = by_tile ? (perm ? 1 : 0) : n_tiles;              // tiles [0, head) by rows
+  const int64_t n_whole = by_tile ? (n_tiles - head) / nt * nt : 0;      // then [head, head + n_whole) whole
+  // By rows: two tile buffers, so that a thread may transpose tile n+1 while another still reads tile n.
+  // Whole tiles: one buffer per thread (buf holds max(2, nt) of them).
   S* Xt[2] = {buf, buf + n_cols * T};
-  std::atomic<int64_t> next_tile{0};
+  std::atomic<int64_t> next_tile{head};
 #pragma omp parallel num_threads(nt)
   {
     const int tid = sc::thread_id(), nth = sc::team_size();
-    const int64_t rows_tiles = by_tile ? (perm ? 1 : 0) : n_tiles;  // tiles shared by rows
-    for (int64_t n = 0; n < rows_tiles; ++n) {
+    auto tile_by_rows = [&](int64_t n) {
       const int64_t b0 = n * T;
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
       transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
@@ -266,19 +268,22 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
           spmm_rows<S, NV, false>(rp, col, gval, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
                                   split[p + 1]);
       }
-    }
+    };
+    for (int64_t n = 0; n < head; ++n) tile_by_rows(n);
     if (by_tile) {
-      if (perm) {
+      // Every thread must be done with the shared buffers (and, with a gather, with gval) first.
 #pragma omp barrier
-      }
       S* xt = buf + static_cast<int64_t>(tid) * n_cols * T;
       const S* val = perm ? gval : values;
-      for (int64_t n; (n = rows_tiles + next_tile.fetch_add(1, std::memory_order_relaxed)) < n_tiles;) {
+      for (int64_t n; (n = next_tile.fetch_add(1, std::memory_order_relaxed)) < head + n_whole;) {
         const int64_t b0 = n * T;
         const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
         transpose_tile(X, n_cols, b0, tb, T, 0, n_cols, xt);
         spmm_rows<S, NV, false>(rp, col, val, nullptr, nullptr, xt, bias, Y, n_rows, b0, tb, 0, n_rows);
       }
+      // The tail tiles reuse the shared buffers, which overlap the per-thread ones.
+#pragma omp barrier
+      for (int64_t n = head + n_whole; n < n_tiles; ++n) tile_by_rows(n);
     }
   }
 }
