@@ -1,6 +1,6 @@
 // CSR kernels for the CPU: forward SpMM, transposed SpMM (dX, through the stored transpose index) and SDDMM
 // (dW at the live connections). The math lives in kernels_impl.h; this file compiles it per ISA, picks the
-// tile width, splits rows across threads and exposes the entry points to Python.
+// tile width, splits the work across threads and exposes the entry points to Python.
 #include <algorithm>
 #include <atomic>
 #include <type_traits>
@@ -46,7 +46,6 @@ std::vector<int64_t> balanced_split(const int32_t* rp, int64_t n, int nt) {
   return s;
 }
 
-// Vectors per tile row: tiles of up to 4 vectors; fewer for a small batch so padding stays small.
 static int g_nv_override = 0;  // tuning hook: force the vectors per tile row (0 = automatic)
 static int g_spmm_split = 0;   // tuning hook: SpMM work split, 0 = automatic, 1 = by rows, 2 = by tiles
 // SDDMM column blocks: bytes of the transposed X tile gathered from per block. Measured on a 2-core Zen 3
@@ -54,14 +53,33 @@ static int g_spmm_split = 0;   // tuning hook: SpMM work split, 0 = automatic, 1
 // whole 1 MiB tile.
 static int64_t g_sddmm_block_bytes = 256 << 10;
 
-// Vectors per batch tile (T = NV * lanes rows). Measured on a 2-core Zen 3, 4096x4096, batch 256, 1-10% density:
-// SpMM is fastest with T = 16 fp32 rows (the X tile, 256 KiB, stays in L2); SDDMM with T = 64 (fewer horizontal
-// reductions and read-modify-writes of dW per connection; the 1 MiB tile is read in L2-sized column blocks).
-static int pick_nv(int64_t B, int lanes, int max_nv) {
-  if (g_nv_override) return g_nv_override;
-  int nv = 1;
-  while (nv < max_nv && int64_t(nv) * lanes < B) nv *= 2;
-  return nv;
+// Vectors per batch tile row (T = NV * lanes rows). Measured on a 2-core Zen 3, 4096x4096, batch 256, 1-10%
+// density: SpMM is fastest with T = 16 fp32 rows (the X tile, 256 KiB, stays in L2); SDDMM with T = 64 (fewer
+// horizontal reductions and read-modify-writes of dW per connection; the 1 MiB tile is read in L2-sized column
+// blocks).
+//
+// A batch that is not a multiple of the widest tile goes in chunks of narrower tiles, so that little of the last
+// tile is padding: batch 100 for the SDDMM is 64 + 32 + 4 rows (tiles of 64, 32, 8 rows: 104 computed) instead
+// of two 64-row tiles (128), and for the SpMMs 96 + 4 (six 16-row tiles and one of 8). Each chunk is one kernel
+// call (nb batch rows from b0, nv vectors per tile row).
+struct BatchChunk {
+  int64_t b0, nb;
+  int nv;
+};
+
+static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv) {
+  if (g_nv_override || B <= 0) return {{0, B > 0 ? B : 0, g_nv_override ? g_nv_override : 1}};
+  std::vector<BatchChunk> chunks;
+  for (int64_t b0 = 0; b0 < B;) {
+    const int64_t left = B - b0;
+    int nv = max_nv;
+    while (nv > 1 && int64_t(nv) * lanes > left) nv /= 2;
+    const int64_t T = int64_t(nv) * lanes;
+    const int64_t nb = left >= T ? left / T * T : left;  // whole tiles of this width, or the last partial one
+    chunks.push_back({b0, nb, nv});
+    b0 += nb;
+  }
+  return chunks;
 }
 
 #define SC_DISPATCH_NV(NV, CALL_GEN, CALL_AVX)                 \
@@ -103,7 +121,6 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   const int64_t nnz = numel(values);
   const bool use_avx2 = cpu_has_avx2();
   const int L = (use_avx2 ? 32 : 16) / int(sizeof(S));
-  const int NV = pick_nv(B, L, 2);
   py::gil_scoped_release nogil;
   const int32_t* pe = perm.size() > 0 ? perm.data() : nullptr;
   const S* val = values.data();
@@ -121,22 +138,31 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
     pe = nullptr;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  // Whole tiles per thread once there are two per thread: no barrier per tile and each thread reads the tile it
-  // transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of 30-40 interleaved calls:
-  // 4096x4096, batch 256 (16 tiles), 1% density: forward 2.83 -> 2.31 ms, dX 3.03 -> 2.60 ms (10%: -7% and -3%);
-  // 1000x784, batch 100 (7 tiles: 6 whole, 1 by rows), 4.5%: forward 322 -> 215 us, dX 397 -> 264 us.
-  const int64_t n_tiles = (B + NV * L - 1) / (NV * L);
-  const bool by_tile = g_spmm_split ? g_spmm_split == 2 : n_tiles >= 2 * int64_t(nt) + (pe ? 1 : 0) && nt > 1;
-  S* buf = scratch<S>(0, std::max(2, nt) * n_cols * NV * L);
-#define GEN(N) generic::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yp, split.data(), nt, buf, by_tile)
+  const std::vector<BatchChunk> chunks = batch_chunks(B, L, 2);
+  S* buf = scratch<S>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);  // the first chunk has the widest tiles
+  for (const BatchChunk& c : chunks) {
+    // Whole tiles per thread once there are two per thread: no barrier per tile and each thread reads the tile
+    // it transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of 30-40 interleaved calls:
+    // 4096x4096, batch 256 (16 tiles), 1% density: forward 2.83 -> 2.31 ms, dX 3.03 -> 2.60 ms (10%: -7%, -3%);
+    // 1000x784, batch 100 (7 tiles: 6 whole, 1 by rows), 4.5%: forward 322 -> 215 us, dX 397 -> 264 us.
+    const int64_t n_tiles = (c.nb + c.nv * L - 1) / (c.nv * L);
+    const bool by_tile = g_spmm_split ? g_spmm_split == 2 : n_tiles >= 2 * int64_t(nt) + (pe ? 1 : 0) && nt > 1;
+    const S* xc = xp + c.b0 * n_cols;
+    S* yc = yp + c.b0 * n_rows;
+#define GEN(N) generic::spmm<S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::spmm<S, N>(xp, B, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yp, split.data(), nt, buf, by_tile)
+#define AVX(N) avx2::spmm<S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
 #else
 #define AVX(N) GEN(N)
 #endif
-  SC_DISPATCH_NV(NV, GEN, AVX);
+    SC_DISPATCH_NV(c.nv, GEN, AVX);
 #undef GEN
 #undef AVX
+    if (pe) {  // the first chunk gathered values[perm]: the others read them
+      val = gathered;
+      pe = nullptr;
+    }
+  }
 }
 
 // dvalues (nnz,) = (dY^T X) at the live connections of the CSR pattern (rowptr, col).
@@ -156,18 +182,19 @@ void sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr, con
   S* dv = dval.mutable_data();
   const bool use_avx2 = cpu_has_avx2();
   const int L = (use_avx2 ? 32 : 16) / int(sizeof(S));
-  const int NV = pick_nv(B, L, 8);
   py::gil_scoped_release nogil;
   if (B == 0) {
     std::fill(dv, dv + numel(col), S(0));
     return;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
+  const std::vector<BatchChunk> chunks = batch_chunks(B, L, 8);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
   // streamed dY^T rows), and where each row's entries of each block start. Each (row, block) segment costs a
   // reload of the row's dY^T and a padded tail, so blocks are only used while segments average >= 32 entries
   // (at 1% density of a 4096x4096 layer one block of ~41-entry rows was 8% faster than four ~10-entry ones).
-  const int64_t tile_row_bytes = int64_t(NV) * L * int64_t(sizeof(S));
+  // Sized for the first chunk's tiles, the widest: the narrower tiles of later chunks fit as well.
+  const int64_t tile_row_bytes = int64_t(chunks[0].nv) * L * int64_t(sizeof(S));
   const int64_t fit_cols = std::max<int64_t>(1, g_sddmm_block_bytes / tile_row_bytes);
   const int64_t fit_blocks = (n_cols + fit_cols - 1) / fit_cols;
   const int64_t long_blocks = numel(col) / (32 * std::max<int64_t>(1, n_rows));
@@ -181,16 +208,21 @@ void sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr, con
       sj[q] = static_cast<int32_t>(std::lower_bound(ci + rp[j], ci + rp[j + 1], q * block_cols) - ci);
     sj[n_blocks] = rp[j + 1];
   }
-  S* buf = scratch<S>(0, 2 * (n_cols + n_rows) * NV * L);
-#define GEN(N) generic::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf)
+  S* buf = scratch<S>(0, 2 * (n_cols + n_rows) * chunks[0].nv * L);
+  for (const BatchChunk& c : chunks) {  // the first chunk writes dW, the others add to it
+    const S* yc = yp + c.b0 * n_rows;
+    const S* xc = xp + c.b0 * n_cols;
+    const bool accumulate = c.b0 > 0;
+#define GEN(N) generic::sddmm<S, N>(yc, xc, c.nb, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf, accumulate)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::sddmm<S, N>(yp, xp, B, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf)
+#define AVX(N) avx2::sddmm<S, N>(yc, xc, c.nb, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf, accumulate)
 #else
 #define AVX(N) GEN(N)
 #endif
-  SC_DISPATCH_NV(NV, GEN, AVX);
+    SC_DISPATCH_NV(c.nv, GEN, AVX);
 #undef GEN
 #undef AVX
+  }
 }
 
 void bind_kernels(py::module_& m) {

@@ -272,7 +272,9 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
     for (int64_t n = 0; n < head; ++n) tile_by_rows(n);
     if (by_tile) {
       // Every thread must be done with the shared buffers (and, with a gather, with gval) first.
+      if (head > 0) {
 #pragma omp barrier
+      }
       S* xt = buf + static_cast<int64_t>(tid) * n_cols * T;
       const S* val = perm ? gval : values;
       for (int64_t n; (n = next_tile.fetch_add(1, std::memory_order_relaxed)) < head + n_whole;) {
@@ -282,7 +284,9 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
         spmm_rows<S, NV, false>(rp, col, val, nullptr, nullptr, xt, bias, Y, n_rows, b0, tb, 0, n_rows);
       }
       // The tail tiles reuse the shared buffers, which overlap the per-thread ones.
+      if (head + n_whole < n_tiles) {
 #pragma omp barrier
+      }
       for (int64_t n = head + n_whole; n < n_tiles; ++n) tile_by_rows(n);
     }
   }
@@ -327,7 +331,7 @@ inline void sddmm_segment(const V<S>* dy, const S* xt, const int32_t* col, int64
   if (n > 2) dval[k + 2] = first ? r[2] : dval[k + 2] + r[2];
 }
 
-// dW at the live connections: dval[k] = sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM).
+// dW at the live connections: dval[k] (+)= sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM); += with accumulate.
 // Per batch tile of T rows, X and dY are transposed into feature-major buffers (Xt: n_cols x T, dYt: n_rows x T)
 // shared by the threads. Each thread then walks its rows once per column block: in pass q it only reads the
 // entries whose column lies in block q, so the rows of Xt it gathers come from one block small enough for the
@@ -336,7 +340,7 @@ inline void sddmm_segment(const V<S>* dy, const S* xt, const int32_t* col, int64
 template <class S, int NV>
 void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, const int32_t* rp,
            const int32_t* col, S* dval, const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg,
-           S* buf) {
+           S* buf, bool accumulate) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
   S* Xt[2] = {buf, buf + (n_cols + n_rows) * T};
@@ -359,7 +363,7 @@ void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, c
             if (sj[q] == sj[q + 1]) continue;
             V<S> dy[NV];
             for (int v = 0; v < NV; ++v) dy[v] = vload<S>(yt + j * T + v * L);
-            sddmm_segment<S, NV>(dy, xt, col, sj[q], sj[q + 1], b0 == 0, dval);
+            sddmm_segment<S, NV>(dy, xt, col, sj[q], sj[q + 1], b0 == 0 && !accumulate, dval);
           }
         }
       }

@@ -71,6 +71,21 @@ def test_every_tile_width(nv, dtype, gen):
         check_mask(mask, 70, dtype, gen)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [100, 71, 40, 7])
+def test_batch_in_chunks_of_narrower_tiles(batch, dtype, gen):
+    """A batch that is not a multiple of the widest tile runs as chunks of narrower tiles (fp32 SDDMM: 100 = 64 +
+    32 + 4, 71 = 64 + 7, 40 = 32 + 8; SpMMs: 100 = 96 + 4): later SDDMM chunks add to dW, later dX chunks read
+    the values the first one gathered. Two threads, so that whole-tile and by-row chunks both occur."""
+    mask = random_mask(45, 38, 0.3, gen, empty_rows=[4], empty_cols=[0, 37])
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        check_mask(mask, batch, dtype, gen)
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("nnz_kind", ["gather_in_first_tile", "gather_pass"])
 def test_spmm_work_splits_agree(threads, nnz_kind, gen):
