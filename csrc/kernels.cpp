@@ -246,6 +246,8 @@ void bind_kernels(py::module_& m) {
   m.def("release_scratch", &release_scratch,
         "free the calling thread's kernel scratch buffers (kept between calls to avoid page faults)");
   m.def("has_avx2", &cpu_has_avx2, "True when the AVX2+FMA kernels are in use");
+  m.def("_force_portable_kernels", [](bool on) { portable_kernels_forced() = on; },
+        "testing hook: run the portable (non-AVX2) kernels even where AVX2 is available");
 }
 
 }  // namespace sc
