@@ -141,12 +141,13 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   const std::vector<BatchChunk> chunks = batch_chunks(B, L, 2);
   S* buf = scratch<S>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);  // the first chunk has the widest tiles
   for (const BatchChunk& c : chunks) {
-    // Whole tiles per thread once there are two per thread: no barrier per tile and each thread reads the tile
-    // it transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of 30-40 interleaved calls:
-    // 4096x4096, batch 256 (16 tiles), 1% density: forward 2.83 -> 2.31 ms, dX 3.03 -> 2.60 ms (10%: -7%, -3%);
-    // 1000x784, batch 100 (7 tiles: 6 whole, 1 by rows), 4.5%: forward 322 -> 215 us, dX 397 -> 264 us.
+    // Whole tiles per thread once there is one per thread after the gathering tile: no barrier per tile and each
+    // thread reads the tile it transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of
+    // 25-40 interleaved calls: 4096x4096, batch 256 (16 tiles), 1% density: forward 2.83 -> 2.31 ms, dX 3.03 ->
+    // 2.60 ms (10%: -7%, -3%); 1000x784, batch 100 (7 tiles: 6 whole, 1 by rows), 4.5%: forward 322 -> 215 us,
+    // dX 397 -> 264 us; 1000x1000 at 4.5%, batch 32 (2 tiles): forward 102 -> 65 us, batch 48: dX 212 -> 185 us.
     const int64_t n_tiles = (c.nb + c.nv * L - 1) / (c.nv * L);
-    const bool by_tile = g_spmm_split ? g_spmm_split == 2 : n_tiles >= 2 * int64_t(nt) + (pe ? 1 : 0) && nt > 1;
+    const bool by_tile = g_spmm_split ? g_spmm_split == 2 : nt > 1 && n_tiles - (pe ? 1 : 0) >= nt;
     const S* xc = xp + c.b0 * n_cols;
     S* yc = yp + c.b0 * n_rows;
 #define GEN(N) generic::spmm<S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
