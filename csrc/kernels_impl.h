@@ -6,7 +6,7 @@
 // T = NV * lanes rows and transpose each tile into a feature-major buffer Xt (features, T) shared by the threads;
 // one live connection is then a broadcast weight times NV contiguous vectors: no gathers, no atomics.
 // Threads split the CSR rows into blocks of equal nnz (the SDDMM, and the SpMM with few tiles) or take whole
-// batch tiles each (the SpMM with at least two tiles per thread); either way no two threads write one output.
+// batch tiles each (the SpMM with at least a tile per thread); either way no two threads write one output.
 
 namespace SC_ISA {
 
