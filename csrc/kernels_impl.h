@@ -332,15 +332,16 @@ inline void sddmm_segment(const V<S>* dy, const S* xt, const int32_t* col, int64
 }
 
 // dW at the live connections: dval[k] (+)= sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM); += with accumulate.
-// Per batch tile of T rows, X and dY are transposed into feature-major buffers (Xt: n_cols x T, dYt: n_rows x T)
-// shared by the threads. Each thread then walks its rows once per column block: in pass q it only reads the
+// Per batch tile of T rows, X and dY are transposed into feature-major buffers (Xt: n_cols x T, dYt: n_rows x T),
+// either shared by the threads (each transposes a share, then a barrier) or, with private_tiles, one pair per
+// thread (each transposes all of Xt and its own rows of dYt: no barrier). Each thread then walks its rows once per column block: in pass q it only reads the
 // entries whose column lies in block q, so the rows of Xt it gathers come from one block small enough for the
 // core's L2 (blocks of `block_cols` columns) instead of the whole tile. Columns are sorted within a row, so the
 // entries of block q are one segment of the row; `seg` holds the segment starts, (n_rows, n_blocks + 1).
 template <class S, int NV>
 void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, const int32_t* rp,
            const int32_t* col, S* dval, const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg,
-           S* buf, bool accumulate) {
+           S* buf, bool accumulate, bool private_tiles) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
   S* Xt[2] = {buf, buf + (n_cols + n_rows) * T};
@@ -351,11 +352,22 @@ void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, c
     int n = 0;
     for (int64_t b0 = 0; b0 < B; b0 += T, ++n) {
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-      transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
-      transpose_tile_share(dY, n_rows, b0, tb, T, n_rows, tid, nth, Yt[n & 1]);
+      const S* xt;
+      const S* yt;
+      if (private_tiles) {
+        S* xp = buf + static_cast<int64_t>(tid) * (n_cols + n_rows) * T;
+        S* yp = xp + n_cols * T;
+        transpose_tile(X, n_cols, b0, tb, T, 0, n_cols, xp);
+        for (int p = tid; p < nt; p += nth) transpose_tile(dY, n_rows, b0, tb, T, split[p], split[p + 1], yp);
+        xt = xp;
+        yt = yp;
+      } else {
+        transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
+        transpose_tile_share(dY, n_rows, b0, tb, T, n_rows, tid, nth, Yt[n & 1]);
 #pragma omp barrier
-      const S* xt = Xt[n & 1];
-      const S* yt = Yt[n & 1];
+        xt = Xt[n & 1];
+        yt = Yt[n & 1];
+      }
       for (int p = tid; p < nt; p += nth) {
         for (int64_t q = 0; q < n_blocks; ++q) {
           for (int64_t j = split[p]; j < split[p + 1]; ++j) {

@@ -116,6 +116,31 @@ def test_spmm_work_splits_agree(threads, nnz_kind, gen):
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
 
 
+@pytest.mark.parametrize("threads", [1, 2, 3])
+@pytest.mark.parametrize("block_bytes", [2048, 0])
+def test_sddmm_tile_buffers_agree(threads, block_bytes, gen):
+    """The SDDMM's transposed tiles are shared by the threads or one per thread (each transposing all of X and
+    its own rows of dY); the hook forces either. Same sums in the same order: dW must be bit-identical, and right
+    against the reference. Batch 70 = a 64-row and a 6-row chunk; small column blocks give short segments."""
+    mask = random_mask(61, 150, 0.4, gen, empty_rows=[0, 30], empty_cols=[7])
+    w = torch.randn(*mask.shape, generator=gen) * mask
+    p = Pattern.from_mask(mask)
+    x = torch.randn(70, mask.shape[1], generator=gen)
+    dy = torch.randn(70, mask.shape[0], generator=gen)
+    old = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        dws = []
+        with tuned(_C._set_sddmm_block_bytes, block_bytes):
+            for mode in (1, 2):
+                with tuned(_C._set_sddmm_tiles, mode):
+                    check_step_vs_reference(p, w, 70, gen)
+                    dws.append(sddmm(dy, x, p.rowptr, p.col, 1))
+    finally:
+        torch.set_num_threads(old)
+    assert torch.equal(dws[0], dws[1])
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_transposed_values_gathered_in_a_separate_pass(dtype, gen):
     """dX reads values[perm]: above 1 MiB of values they are gathered before the kernel, below it during the
