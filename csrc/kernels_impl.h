@@ -334,10 +334,11 @@ inline void sddmm_segment(const V<S>* dy, const S* xt, const int32_t* col, int64
 // dW at the live connections: dval[k] (+)= sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM); += with accumulate.
 // Per batch tile of T rows, X and dY are transposed into feature-major buffers (Xt: n_cols x T, dYt: n_rows x T),
 // either shared by the threads (each transposes a share, then a barrier) or, with private_tiles, one pair per
-// thread (each transposes all of Xt and its own rows of dYt: no barrier). Each thread then walks its rows once per column block: in pass q it only reads the
-// entries whose column lies in block q, so the rows of Xt it gathers come from one block small enough for the
-// core's L2 (blocks of `block_cols` columns) instead of the whole tile. Columns are sorted within a row, so the
-// entries of block q are one segment of the row; `seg` holds the segment starts, (n_rows, n_blocks + 1).
+// thread (each transposes all of Xt and its own rows of dYt: no barrier). Each thread then walks its rows once
+// per column block: in pass q it only reads the entries whose column lies in block q, so the rows of Xt it gathers
+// come from one block small enough for the core's L2 (blocks of `block_cols` columns) instead of the whole tile.
+// Columns are sorted within a row, so the entries of block q are one segment of the row; `seg` holds the segment
+// starts, (n_rows, n_blocks + 1).
 template <class S, int NV>
 void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, const int32_t* rp,
            const int32_t* col, S* dval, const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg,
