@@ -47,8 +47,8 @@ std::vector<int64_t> balanced_split(const int32_t* rp, int64_t n, int nt) {
 }
 
 static int g_nv_override = 0;  // tuning hook: force the vectors per tile row (0 = automatic)
-static int g_spmm_split = 0;
-static int g_sddmm_tiles = 0;  // tuning hook: SDDMM tile buffers, 0 = automatic, 1 = shared, 2 = per thread   // tuning hook: SpMM work split, 0 = automatic, 1 = by rows, 2 = by tiles
+static int g_spmm_split = 0;    // tuning hook: SpMM work split, 0 = automatic, 1 = by rows, 2 = by tiles
+static int g_sddmm_tiles = 0;   // tuning hook: SDDMM tile buffers, 0 = automatic, 1 = shared, 2 = per thread
 // SDDMM column blocks: bytes of the transposed X tile gathered from per block. Measured on a 2-core Zen 3
 // (512 KiB L2 per core), 4096x4096, batch 256, 10% density, 2 threads: 256 KiB blocks ~8% faster than the
 // whole 1 MiB tile.
