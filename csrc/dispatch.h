@@ -1,24 +1,55 @@
 // Run-time choice of the instruction set for the hot kernels (the build is portable: no -march=native).
 #pragma once
 
+#include <stdexcept>
+#include <string>
+
 namespace sc {
 
-// Testing hook: true runs the portable kernels even on an AVX2 machine, so that CI checks the copy that
-// non-AVX2 and non-x86 CPUs run (set through sparsecore._C._force_portable_kernels).
-inline bool& portable_kernels_forced() {
-  static bool forced = false;
-  return forced;
+// Instruction sets the kernels are compiled for, in increasing order. The CSR kernels have all three copies;
+// the BSR kernels stop at AVX2.
+enum Isa : int { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
+
+// Testing hook: the widest instruction set the kernels may use (set through sparsecore._C._set_max_isa), so that
+// the tests run every narrower copy of the kernels too, not only the one the machine picks.
+inline int& max_isa() {
+  static int cap = ISA_AVX512;
+  return cap;
 }
 
-// True when the AVX2+FMA kernels are in use: the CPU has AVX2 and FMA, the AVX2 copy of the kernels was
-// compiled, and the portable kernels are not forced.
-inline bool cpu_has_avx2() {
+// The widest instruction set this CPU (and its OS) supports among those compiled.
+inline int cpu_isa() {
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
-  return ok && !portable_kernels_forced();
+  static const int isa = [] {
+    if (!(__builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))) return int(ISA_GENERIC);
+    if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512vl") &&
+        __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512bw"))
+      return int(ISA_AVX512);
+    return int(ISA_AVX2);
+  }();
+  return isa;
 #else
-  return false;
+  return ISA_GENERIC;
 #endif
+}
+
+// The instruction set the kernels run with: the CPU's widest, capped by the hook.
+inline int kernel_isa() { return cpu_isa() < max_isa() ? cpu_isa() : max_isa(); }
+
+// True when the AVX2+FMA (or wider) kernels are in use.
+inline bool cpu_has_avx2() { return kernel_isa() >= ISA_AVX2; }
+
+// Vector width in bytes of the kernels of an instruction set.
+inline int isa_vector_bytes(int isa) { return isa == ISA_AVX512 ? 64 : isa == ISA_AVX2 ? 32 : 16; }
+
+inline const char* isa_name(int isa) {
+  return isa == ISA_AVX512 ? "avx512" : isa == ISA_AVX2 ? "avx2" : "generic";
+}
+
+inline int isa_from_name(const std::string& name) {
+  for (int isa : {ISA_GENERIC, ISA_AVX2, ISA_AVX512})
+    if (name == isa_name(isa)) return isa;
+  throw std::invalid_argument("unknown instruction set '" + name + "': expected 'generic', 'avx2' or 'avx512'");
 }
 
 }  // namespace sc

@@ -33,6 +33,46 @@ inline V<S> vsplat(S s) { return vsplat_impl<S>(s, std::make_index_sequence<lane
 #define SC_SHUF(a, b, ...) __builtin_shuffle(a, b, (IV){__VA_ARGS__})
 #endif
 
+// Butterfly step of width W (a power of two below L) on a pair of rows (a, b) of an L x L block: lane c of the
+// low output is a[c] where bit W of c is clear and b[c - W] where it is set; the high output is a[c + W] or b[c].
+// One step swaps bit W of the row index with bit W of the column index, so the log2(L) steps W = 1, 2, ..., L/2
+// transpose the block. Used for 64-byte vectors, where any two-source shuffle is one instruction (vpermt2ps).
+template <int L, int W, bool HI>
+constexpr int bfly_lane(int c) {
+  return HI ? ((c & W) ? L + c : c + W) : ((c & W) ? L + c - W : c);
+}
+template <class S, int W, bool HI, std::size_t... I>
+inline V<S> bfly_impl(V<S> a, V<S> b, std::index_sequence<I...>) {
+  constexpr int L = lanes<S>();
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, bfly_lane<L, W, HI>(int(I))...);
+#else
+  typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type IE;
+  typedef IE IV __attribute__((vector_size(SC_VBYTES)));
+  return __builtin_shuffle(a, b, IV{bfly_lane<L, W, HI>(int(I))...});
+#endif
+}
+template <class S, int W, bool HI>
+inline V<S> bfly(V<S> a, V<S> b) {
+  return bfly_impl<S, W, HI>(a, b, std::make_index_sequence<lanes<S>()>{});
+}
+
+// r[i] <- column i of the L x L block whose rows were r: the butterfly steps of width W, 2W, ..., L/2.
+template <class S, int W>
+inline void transpose_regs(V<S>* r) {
+  constexpr int L = lanes<S>();
+  if constexpr (W < L) {
+    for (int i = 0; i < L; ++i) {
+      if (i & W) continue;
+      const V<S> lo = bfly<S, W, false>(r[i], r[i + W]);
+      const V<S> hi = bfly<S, W, true>(r[i], r[i + W]);
+      r[i] = lo;
+      r[i + W] = hi;
+    }
+    transpose_regs<S, 2 * W>(r);
+  }
+}
+
 // Four lanes of S, whatever the SIMD width: the result of reduce4.
 template <class S>
 struct V4T {
@@ -47,7 +87,18 @@ template <class S>
 inline V4<S> reduce4(const V<S>* s) {
   constexpr int L = lanes<S>();
   V4<S> out;
-  if constexpr (L == 8) {
+  if constexpr (SC_VBYTES == 64) {
+    // a: pair sums of s0 and s1 interleaved; b: of s2 and s3; c: lanes 4g + u hold partial sums of s[u].
+    const V<S> a = bfly<S, 1, false>(s[0], s[1]) + bfly<S, 1, true>(s[0], s[1]);
+    const V<S> b = bfly<S, 1, false>(s[2], s[3]) + bfly<S, 1, true>(s[2], s[3]);
+    const V<S> c = bfly<S, 2, false>(a, b) + bfly<S, 2, true>(a, b);
+    __builtin_memcpy(&out, &c, sizeof(out));
+    for (int g = 1; g < L / 4; ++g) {
+      V4<S> part;
+      __builtin_memcpy(&part, reinterpret_cast<const char*>(&c) + g * sizeof(part), sizeof(part));
+      out += part;
+    }
+  } else if constexpr (L == 8) {
     typedef int32_t IV __attribute__((vector_size(32)));
     // pairs: (s0+s1 interleaved), (s2+s3 interleaved)
     const V<S> a = SC_SHUF(s[0], s[1], 0, 8, 2, 10, 4, 12, 6, 14) + SC_SHUF(s[0], s[1], 1, 9, 3, 11, 5, 13, 7, 15);
@@ -83,7 +134,10 @@ inline void transpose_LxL(const S* src, int64_t lds, S* dst, int64_t ldd) {
   constexpr int L = lanes<S>();
   V<S> r[L];
   for (int i = 0; i < L; ++i) r[i] = vload<S>(src + i * lds);
-  if constexpr (L == 8) {
+  if constexpr (SC_VBYTES == 64) {
+    transpose_regs<S, 1>(r);
+    for (int c = 0; c < L; ++c) __builtin_memcpy(dst + c * ldd, &r[c], sizeof(r[c]));
+  } else if constexpr (L == 8) {
     typedef int32_t IV __attribute__((vector_size(32)));
     V<S> t[8], u[8];
     for (int i = 0; i < 8; i += 2) {

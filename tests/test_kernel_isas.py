@@ -1,0 +1,99 @@
+"""Every compiled copy of the CPU kernels (portable, AVX2+FMA, AVX-512) against the float64 reference.
+
+The kernels run the widest copy the CPU supports, so without the testing hook CI would only run that one. The
+copies differ in vector width (16, 32 and 64 bytes), and so in their tiles, batch chunks, horizontal sums,
+transposes and tails. A copy wider than the machine supports cannot run there and is skipped.
+"""
+import pytest
+import torch
+
+from sparsecore import _C
+from sparsecore.pattern import Pattern
+
+from conftest import check_step_vs_reference, random_mask
+
+ISAS = ["generic", "avx2", "avx512"]
+
+
+def supported(isa):
+    return ISAS.index(isa) <= ISAS.index(_C.cpu_isa())
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    if not supported(request.param):
+        pytest.skip(f"this CPU does not support {request.param} (widest: {_C.cpu_isa()})")
+    _C._set_max_isa(request.param)
+    try:
+        assert _C.kernel_isa() == request.param
+        yield request.param
+    finally:
+        _C._set_max_isa("avx512")
+
+
+@pytest.fixture
+def threads(request):
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(old)
+
+
+def test_kernel_isa_hook():
+    assert _C.kernel_isa() == _C.cpu_isa()  # no cap: the widest the CPU supports
+    _C._set_max_isa("generic")
+    try:
+        assert _C.kernel_isa() == "generic" and not _C.has_avx2()
+    finally:
+        _C._set_max_isa("avx512")
+    with pytest.raises(ValueError, match="unknown instruction set 'sse'"):
+        _C._set_max_isa("sse")
+    assert _C.kernel_isa() == _C.cpu_isa()
+
+
+# batches: 1, odd, one that is a multiple of no tile width, and ones that give several batch chunks
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 7, 40, 100, 131])
+def test_csr_kernels_per_isa(isa, threads, dtype, batch, gen):
+    mask = random_mask(37, 45, 0.3, gen, empty_rows=[0, 20], empty_cols=[44])
+    mask[5] = False
+    mask[5, 3] = True  # a row with a single entry
+    w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
+    check_step_vs_reference(Pattern.from_mask(mask), w, batch, gen)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("nv", [1, 2, 4, 8])
+def test_every_tile_width_per_isa(isa, nv, dtype, gen):
+    """Each copy with each tile width forced (nv vectors per tile row; batch 70: full tiles and a tail)."""
+    mask = random_mask(29, 41, 0.3, gen, empty_rows=[2], empty_cols=[5])
+    w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
+    _C._set_tile_vectors(nv)
+    try:
+        check_step_vs_reference(Pattern.from_mask(mask), w, 70, gen)
+    finally:
+        _C._set_tile_vectors(0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_values_gather_pass_per_isa(isa, dtype, gen):
+    """Above 1 MiB of values, dX gathers values[perm] in a pass of its own (with prefetches) before the tiles."""
+    mask = random_mask(540, 600, 0.9, gen, empty_rows=[1], empty_cols=[3])
+    w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
+    check_step_vs_reference(Pattern.from_mask(mask), w, 37, gen)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("bs,batch", [(16, 37), (3, 70), (4, 9)])
+def test_bsr_kernels_per_isa(isa, threads, dtype, bs, batch, gen):
+    """The BSR kernels stop at AVX2: under the AVX-512 cap they run their AVX2 copy."""
+    bm = torch.rand(6, 5, generator=gen) < 0.5
+    bm[1] = False
+    bm[0, 0] = True
+    mask = bm.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
+    w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
+    check_step_vs_reference(Pattern.from_mask(mask, block_size=bs), w, batch, gen)
