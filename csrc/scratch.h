@@ -11,6 +11,10 @@
 #include <cstdlib>
 #include <new>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace sc {
 
 constexpr int SCRATCH_SLOTS = 3;
@@ -33,6 +37,26 @@ inline ScratchSlots& thread_scratch() {
   return s;
 }
 
+// Buffers of HUGE_FROM bytes and more are rounded up to whole 2 MiB pages and advised to use transparent huge
+// pages: the kernels read rows of their tile buffers at random, and a 512 KiB tile in 4 KiB pages spans more pages
+// than the first-level TLB holds (72 entries on Zen 4). Measured on a 2-core Zen 4, 4096x4096, batch 256, 10%
+// density, 2 threads, two runs each: forward 9.73 / 10.00 -> 9.29 / 9.46 ms, dX 11.51 / 11.78 -> 11.02 / 11.10,
+// dW 11.51 / 11.27 -> 11.12 / 10.57. Where the kernel does not grant huge pages, the advice changes nothing.
+constexpr std::size_t HUGE_PAGE = std::size_t(2) << 20;
+constexpr std::size_t HUGE_FROM = std::size_t(1) << 20;
+
+inline void* alloc_scratch(std::size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= HUGE_FROM) {
+    const std::size_t whole = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    void* p = std::aligned_alloc(HUGE_PAGE, whole);
+    if (p) madvise(p, whole, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
+    return p;
+  }
+#endif
+  return std::aligned_alloc(64, bytes);
+}
+
 // n elements of T, 64-byte aligned, contents undefined; valid until this thread asks for the same slot again.
 template <class T>
 T* scratch(int slot, int64_t n) {
@@ -40,7 +64,7 @@ T* scratch(int slot, int64_t n) {
   const std::size_t want = ((static_cast<std::size_t>(n > 0 ? n : 1) * sizeof(T) + 63) / 64) * 64;
   if (s.bytes[slot] < want) {
     std::free(s.p[slot]);
-    s.p[slot] = std::aligned_alloc(64, want);
+    s.p[slot] = alloc_scratch(want);
     s.bytes[slot] = s.p[slot] ? want : 0;
     if (!s.p[slot]) throw std::bad_alloc();
   }
