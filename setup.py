@@ -1,7 +1,8 @@
 """Builds sparsecore._C, the C++ CPU kernels, with pybind11 and OpenMP.
 
-The default build is portable (no -march=native): the hot kernels are compiled twice, once for the
-baseline ISA and once for AVX2+FMA, and the faster one is chosen at run time (csrc/dispatch.h).
+The default build is portable (no -march=native): the hot kernels are compiled once for the baseline ISA, once
+for AVX2+FMA and (the CSR kernels) once for AVX-512, and the widest the CPU supports is chosen at run time
+(csrc/dispatch.h).
 Set SPARSECORE_NATIVE=1 to opt in to -march=native for a local build.
 """
 import os

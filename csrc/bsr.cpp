@@ -1,5 +1,6 @@
 // Block-sparse (BSR) CPU kernels: forward, dX through the transpose index, dW per stored block.
-// The math lives in bsr_impl.h (compiled per ISA, like the CSR kernels); this file dispatches and binds.
+// The math lives in bsr_impl.h (compiled per ISA, like the CSR kernels, but with no AVX-512 copy: on an AVX-512
+// CPU the BSR kernels run their AVX2 copy); this file dispatches and binds.
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>

@@ -1,6 +1,7 @@
 // Body of the CSR CPU kernels. kernels.cpp includes this file once per instruction set, each time inside its
-// own namespace (SC_ISA) and with SC_VBYTES set to the SIMD width in bytes; the AVX2+FMA copy is compiled
-// under `#pragma GCC target`, and dispatch.h picks one at run time. Portable: GCC/Clang vector extensions.
+// own namespace (SC_ISA) and with SC_VBYTES set to the SIMD width in bytes (16, 32, 64); the AVX2+FMA and AVX-512
+// copies are compiled under `#pragma GCC target`, and dispatch.h picks one at run time. Portable: GCC/Clang vector
+// extensions.
 //
 // Layout. Activations are row-major (batch, features), as torch gives them. The kernels tile the batch by
 // T = NV * lanes rows and transpose each tile into a feature-major buffer Xt (features, T) shared by the threads;

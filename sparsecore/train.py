@@ -246,19 +246,33 @@ def _flag(mod, name: str) -> Optional[bool]:
         return None
 
 
+def _kernel_isa(mod) -> Optional[str]:
+    fn = getattr(mod, "kernel_isa", None)
+    return fn() if callable(fn) else None
+
+
 def machine_info() -> Dict[str, Any]:
     """CPU, threads and versions, for reports."""
     from . import __version__, _C
 
     cpu = platform.processor() or ""
+    fields: Dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key in ("model name", "cpu family", "model") and key not in fields:
+                    fields[key] = value.strip()
+                if not line.strip():  # the first processor's block is enough
                     break
     except OSError:
         pass
+    if "model name" in fields:
+        # "AMD EPYC" alone does not tell a Zen 3 from a Zen 4 (both are family 25; the model number differs)
+        cpu = fields["model name"]
+        if "cpu family" in fields and "model" in fields:
+            cpu += f" (family {fields['cpu family']}, model {fields['model']})"
     try:
         avail = len(os.sched_getaffinity(0))
     except AttributeError:  # pragma: no cover - not Linux
@@ -267,7 +281,8 @@ def machine_info() -> Dict[str, Any]:
         "platform": platform.platform(), "machine": platform.machine(), "cpu": cpu,
         "cpu_count": os.cpu_count(), "cpus_available": avail, "torch_threads": torch.get_num_threads(),
         "python": platform.python_version(), "torch": torch.__version__, "numpy": np.__version__,
-        "sparsecore": __version__, "avx2": _flag(_C, "has_avx2"), "openmp": _flag(_C, "has_openmp"),
+        "sparsecore": __version__, "avx2": _flag(_C, "has_avx2"), "kernel_isa": _kernel_isa(_C),
+        "openmp": _flag(_C, "has_openmp"),
     }
 
 

@@ -298,3 +298,13 @@ def test_train_api_raises_value_errors():
         train({"method": "nope"})
     with pytest.raises(ValueError, match="hidden"):
         train(config("dense", hidden=(3, 0)))
+
+
+def test_machine_info_names_the_kernels_instruction_set():
+    from sparsecore import _C
+    from sparsecore.train import machine_info
+
+    info = machine_info()
+    assert info["kernel_isa"] == _C.kernel_isa() and info["kernel_isa"] in ("generic", "avx2", "avx512")
+    assert info["avx2"] == (info["kernel_isa"] != "generic")
+    assert info["torch_threads"] == torch.get_num_threads()
