@@ -4,10 +4,12 @@
     layer = sparsecore.SparseLinear(784, 1000, density=0.1)      # drop-in for nn.Linear
     model = sparsecore.sparsify(model, density=0.1)              # swap every nn.Linear
 """
-from .backend import get_backend, set_backend, use_backend
+from .backend import apply_isa_cap_from_env, get_backend, set_backend, use_backend
 from .nn import SparseLinear, sparsify
 from .ops import sparse_linear
 from .pattern import Pattern
 
 __version__ = "0.1.0"
+
+apply_isa_cap_from_env()
 __all__ = ["Pattern", "SparseLinear", "sparsify", "sparse_linear", "use_backend", "get_backend", "set_backend"]

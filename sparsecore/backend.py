@@ -6,10 +6,15 @@ kernels without a GPU::
 
     with sparsecore.use_backend("triton"):
         y = layer(x)
+
+The C++ kernels are compiled for three instruction sets and run the widest the CPU supports (``generic``,
+``avx2``, ``avx512``: ``sparsecore._C.kernel_isa()`` says which). ``SPARSECORE_MAX_ISA=avx2`` in the environment
+caps them, e.g. on a CPU whose clock drops under 512-bit arithmetic; it is read once, at import.
 """
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 
 _BACKENDS = ("auto", "cpu", "triton")
@@ -45,3 +50,15 @@ def resolve(device) -> str:
     if b == "cpu" and device.type != "cpu":
         raise ValueError(f"backend 'cpu' (C++ kernels) needs CPU tensors, got tensors on {device}")
     return b
+
+
+def apply_isa_cap_from_env() -> None:
+    """Cap the C++ kernels' instruction set at $SPARSECORE_MAX_ISA, if set (ValueError naming a bad value)."""
+    name = os.environ.get("SPARSECORE_MAX_ISA", "").strip()
+    if name:
+        from . import _C
+
+        try:
+            _C._set_max_isa(name)
+        except ValueError as e:
+            raise ValueError(f"SPARSECORE_MAX_ISA: {e}") from None

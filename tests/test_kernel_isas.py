@@ -97,3 +97,30 @@ def test_bsr_kernels_per_isa(isa, threads, dtype, bs, batch, gen):
     mask = bm.repeat_interleave(bs, 0).repeat_interleave(bs, 1)
     w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
     check_step_vs_reference(Pattern.from_mask(mask, block_size=bs), w, batch, gen)
+
+
+@pytest.mark.parametrize("value,expect", [("generic", "generic"), ("avx2", "avx2"), (" avx2 ", "avx2"),
+                                          ("", None)])
+def test_isa_cap_from_environment(value, expect):
+    """SPARSECORE_MAX_ISA caps the kernels at import (checked in a fresh interpreter)."""
+    import os
+    import subprocess
+    import sys
+
+    if expect is not None and not supported(expect):
+        pytest.skip(f"this CPU does not support {expect}")
+    env = dict(os.environ, SPARSECORE_MAX_ISA=value)
+    out = subprocess.run([sys.executable, "-c", "import sparsecore; print(sparsecore._C.kernel_isa())"], env=env,
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert out == (expect or _C.cpu_isa())
+
+
+def test_bad_isa_cap_in_environment_is_a_clear_error():
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, SPARSECORE_MAX_ISA="avx1024")
+    r = subprocess.run([sys.executable, "-c", "import sparsecore"], env=env, capture_output=True, text=True)
+    assert r.returncode != 0
+    assert "SPARSECORE_MAX_ISA: unknown instruction set 'avx1024'" in r.stderr
