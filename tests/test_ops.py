@@ -51,7 +51,7 @@ def test_forward_backward_vs_dense(shape, dtype, threads, gen):
 @pytest.mark.parametrize("block_bytes", [256, 4096, 0])
 def test_sddmm_column_blocks(block_bytes, dtype, gen):
     """The SDDMM walks each row once per column block (blocks of block_bytes of the transposed X tile, 0 = the
-    default 256 KiB, but no more blocks than give segments of 32 entries on average). Small blocks give empty
+    default, half of one core's L2, but no more blocks than give segments of 32 entries on average). Small blocks give empty
     and 1-3 entry segments; batch 70 gives a 64-row tile and a 6-row tail tile."""
     mask = random_mask(23, 1201, 0.5, gen, empty_rows=[5], empty_cols=[0, 1, 2])
     mask[7] = False
