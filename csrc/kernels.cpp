@@ -29,7 +29,7 @@
 #undef SC_ISA
 #undef SC_VBYTES
 #pragma GCC pop_options
-// AVX-512 (F, VL, DQ, BW): one 64-byte vector holds a 16-row fp32 tile row; GCC turns each two-source shuffle of
+// AVX-512 (F, VL, DQ, BW): a 64-byte vector holds 16 fp32 batch rows of a tile row; GCC turns each two-source shuffle of
 // the transposes and horizontal sums into one vpermt2ps/pd.
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
