@@ -10,8 +10,8 @@ namespace sc {
 // the BSR kernels stop at AVX2.
 enum Isa : int { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2 };
 
-// Testing hook: the widest instruction set the kernels may use (set through sparsecore._C._set_max_isa), so that
-// the tests run every narrower copy of the kernels too, not only the one the machine picks.
+// The widest instruction set the kernels may use, set through sparsecore._C._set_max_isa: by the tests, to run
+// every narrower copy of the kernels too, and at import from $SPARSECORE_MAX_ISA (sparsecore/backend.py).
 inline int& max_isa() {
   static int cap = ISA_AVX512;
   return cap;

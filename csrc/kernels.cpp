@@ -85,8 +85,8 @@ static int64_t g_sddmm_block_bytes = default_sddmm_block_bytes();
 // 4096x4096 batch 256, forward 0.93 (10% density) and 0.90 (1%), dW 0.83 and 0.74 (T = 64: 0.90 and 0.71);
 // 1000x1000 batch 100 at 4.5%: forward and dX equal, dW 0.76. Two vectors per row also mean one broadcast weight
 // feeds two FMAs, and there are 32 vector registers for the accumulators.
-constexpr int SPMM_MAX_NV[3] = {2, 2, 2};   // generic, AVX2, AVX-512
-constexpr int SDDMM_MAX_NV[3] = {8, 8, 2};
+constexpr int SPMM_MAX_NV = 2;               // every instruction set
+constexpr int SDDMM_MAX_NV[3] = {8, 8, 2};   // generic, AVX2, AVX-512 (indexed by Isa)
 //
 // A batch that is not a multiple of the widest tile goes in chunks of narrower tiles, so that little of the last
 // tile is padding: batch 100 for the SDDMM is 64 + 32 + 4 rows (tiles of 64, 32, 8 rows: 104 computed) instead
@@ -176,7 +176,7 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
     pe = nullptr;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  const std::vector<BatchChunk> chunks = batch_chunks(B, L, SPMM_MAX_NV[isa]);
+  const std::vector<BatchChunk> chunks = batch_chunks(B, L, SPMM_MAX_NV);
   S* buf = scratch<S>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);  // the first chunk has the widest tiles
   for (const BatchChunk& c : chunks) {
     // Whole tiles per thread once there is one per thread after the gathering tile: no barrier per tile and each

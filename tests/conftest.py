@@ -4,7 +4,7 @@ import sys
 import pytest
 import torch
 
-from sparsecore import sparse_linear
+from sparsecore import _C, sparse_linear
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -19,6 +19,28 @@ def random_mask(out_f, in_f, density, gen, empty_rows=(), empty_cols=()):
     for c in empty_cols:
         m[:, c] = False
     return m
+
+
+ISAS = ["generic", "avx2", "avx512"]  # the compiled copies of the CPU kernels, narrowest first
+
+
+def isa_supported(isa):
+    return ISAS.index(isa) <= ISAS.index(_C.cpu_isa())
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Run the test with the CPU kernels capped at each instruction set the CPU supports (others are skipped);
+    the cap in force before (the default, or $SPARSECORE_MAX_ISA) is restored afterwards."""
+    if not isa_supported(request.param):
+        pytest.skip(f"this CPU does not support {request.param} (widest: {_C.cpu_isa()})")
+    old = _C.kernel_isa()
+    _C._set_max_isa(request.param)
+    try:
+        assert _C.kernel_isa() == request.param
+        yield request.param
+    finally:
+        _C._set_max_isa(old)
 
 
 @pytest.fixture

@@ -4,31 +4,20 @@ The kernels run the widest copy the CPU supports, so without the testing hook CI
 copies differ in vector width (16, 32 and 64 bytes), and so in their tiles, batch chunks, horizontal sums,
 transposes and tails. A copy wider than the machine supports cannot run there and is skipped.
 """
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 from sparsecore import _C
 from sparsecore.pattern import Pattern
 
-from conftest import check_step_vs_reference, random_mask
+from conftest import check_step_vs_reference, isa_supported, random_mask
 
-ISAS = ["generic", "avx2", "avx512"]
-
-
-def supported(isa):
-    return ISAS.index(isa) <= ISAS.index(_C.cpu_isa())
-
-
-@pytest.fixture(params=ISAS)
-def isa(request):
-    if not supported(request.param):
-        pytest.skip(f"this CPU does not support {request.param} (widest: {_C.cpu_isa()})")
-    _C._set_max_isa(request.param)
-    try:
-        assert _C.kernel_isa() == request.param
-        yield request.param
-    finally:
-        _C._set_max_isa("avx512")
+# The `isa` fixture (conftest) runs a test under each instruction set the CPU supports; test_ops.py's
+# test_every_tile_width uses it too, for every tile width of every copy.
 
 
 @pytest.fixture
@@ -42,15 +31,17 @@ def threads(request):
 
 
 def test_kernel_isa_hook():
-    assert _C.kernel_isa() == _C.cpu_isa()  # no cap: the widest the CPU supports
-    _C._set_max_isa("generic")
+    old = _C.kernel_isa()
+    _C._set_max_isa("avx512")
     try:
+        assert _C.kernel_isa() == _C.cpu_isa()  # the widest cap: what the CPU supports
+        _C._set_max_isa("generic")
         assert _C.kernel_isa() == "generic" and not _C.has_avx2()
+        with pytest.raises(ValueError, match="unknown instruction set 'sse'"):
+            _C._set_max_isa("sse")
+        assert _C.kernel_isa() == "generic"  # a refused name leaves the cap as it was
     finally:
-        _C._set_max_isa("avx512")
-    with pytest.raises(ValueError, match="unknown instruction set 'sse'"):
-        _C._set_max_isa("sse")
-    assert _C.kernel_isa() == _C.cpu_isa()
+        _C._set_max_isa(old)
 
 
 # batches: 1, odd, one that is a multiple of no tile width, and ones that give several batch chunks
@@ -63,19 +54,6 @@ def test_csr_kernels_per_isa(isa, threads, dtype, batch, gen):
     mask[5, 3] = True  # a row with a single entry
     w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
     check_step_vs_reference(Pattern.from_mask(mask), w, batch, gen)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("nv", [1, 2, 4, 8])
-def test_every_tile_width_per_isa(isa, nv, dtype, gen):
-    """Each copy with each tile width forced (nv vectors per tile row; batch 70: full tiles and a tail)."""
-    mask = random_mask(29, 41, 0.3, gen, empty_rows=[2], empty_cols=[5])
-    w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
-    _C._set_tile_vectors(nv)
-    try:
-        check_step_vs_reference(Pattern.from_mask(mask), w, 70, gen)
-    finally:
-        _C._set_tile_vectors(0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -103,11 +81,7 @@ def test_bsr_kernels_per_isa(isa, threads, dtype, bs, batch, gen):
                                           ("", None)])
 def test_isa_cap_from_environment(value, expect):
     """SPARSECORE_MAX_ISA caps the kernels at import (checked in a fresh interpreter)."""
-    import os
-    import subprocess
-    import sys
-
-    if expect is not None and not supported(expect):
+    if expect is not None and not isa_supported(expect):
         pytest.skip(f"this CPU does not support {expect}")
     env = dict(os.environ, SPARSECORE_MAX_ISA=value)
     out = subprocess.run([sys.executable, "-c", "import sparsecore; print(sparsecore._C.kernel_isa())"], env=env,
@@ -116,10 +90,6 @@ def test_isa_cap_from_environment(value, expect):
 
 
 def test_bad_isa_cap_in_environment_is_a_clear_error():
-    import os
-    import subprocess
-    import sys
-
     env = dict(os.environ, SPARSECORE_MAX_ISA="avx1024")
     r = subprocess.run([sys.executable, "-c", "import sparsecore"], env=env, capture_output=True, text=True)
     assert r.returncode != 0
