@@ -25,19 +25,19 @@ import sparsecore  # noqa: E402
 from sparsecore import SparseLinear  # noqa: E402
 from sparsecore.dst import Updater  # noqa: E402
 from sparsecore.dst import edit as E  # noqa: E402
-from sparsecore.train import _proc_status_kb, _reset_peak_rss  # noqa: E402
+from sparsecore.apps.train.report import proc_status_kb, reset_peak_rss  # noqa: E402
 
 
 def _status(field: str) -> int:
     """kB of a /proc/self/status field (0 where unavailable)."""
-    return _proc_status_kb(field) or 0
+    return proc_status_kb(field) or 0
 
 
 def measure(fn, reps: int):
     """(median ms, max extra peak MiB over the runs) of fn()."""
     times, peaks = [], []
     for _ in range(reps):
-        ok = _reset_peak_rss()
+        ok = reset_peak_rss()
         base = _status("VmRSS")
         t0 = time.perf_counter()
         fn()

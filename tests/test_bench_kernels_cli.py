@@ -4,8 +4,8 @@ import json
 import pytest
 import torch
 
-from sparsecore import bench_kernels
-from sparsecore.bench_kernels import main
+from sparsecore.apps import bench_kernels
+from sparsecore.apps.bench_kernels import main
 
 
 def test_bench_writes_table_and_json(tmp_path, capsys):

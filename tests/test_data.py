@@ -1,4 +1,4 @@
-"""Tests for sparsecore.data: IDX/.mat/CSV readers, splits, normalisation, the built-in set, batches."""
+"""Tests for sparsecore.apps.data: IDX/.mat/CSV readers, splits, normalisation, the built-in set, batches."""
 import gzip
 import math
 import time
@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from sparsecore import data as D
-from sparsecore.data import batches, load_dataset, read_idx, stratified_split, write_idx
+from sparsecore.apps import data as D
+from sparsecore.apps.data import batches, load_dataset, read_idx, stratified_split, write_idx
 
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
 

@@ -1,11 +1,11 @@
-"""sparsecore.e2e: on tiny settings it trains the methods and dense, prints the table, writes results.json (+png)."""
+"""sparsecore.apps.e2e: on tiny settings it trains the methods and dense, prints the table, writes results.json (+png)."""
 import importlib.util
 import json
 
 import pytest
 import torch
 
-from sparsecore.e2e import format_table, main, run
+from sparsecore.apps.e2e import format_table, main, run
 
 HAS_DST = importlib.util.find_spec("sparsecore.dst") is not None
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None

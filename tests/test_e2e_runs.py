@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from sparsecore.e2e import _parse_run, main
+from sparsecore.apps.e2e import _parse_run, main
 
 
 def test_parse_run_routes_options():

@@ -1,4 +1,4 @@
-"""sparsecore.models: every method builds the MLP of docs/METHODS.md with the right sparse layers and densities."""
+"""sparsecore.apps.models: every method builds the MLP of docs/METHODS.md with the right sparse layers and densities."""
 import importlib.util
 import math
 
@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from sparsecore import SparseLinear, topology
-from sparsecore.models import METHODS, MLP, build_model, linear_layers, make_updater, model_stats
+from sparsecore.apps.models import METHODS, MLP, build_model, linear_layers, make_updater, model_stats
 
 IN, SHAPE, HID, C = 64, (8, 8, 1), (40, 40), 10     # tiny: 64 -> 40 -> 40 -> 10
 SHAPES = [(40, 64), (40, 40), (10, 40)]              # (out, in) per layer
@@ -135,7 +135,7 @@ def test_g2g_bsr_when_a_block_divides_the_ensembles():
     assert l.block_size == 16 and math.isclose(l.density, 0.25)
     assert l.values.shape[1:] == (16, 16)
     # automatic choice from block_sizes (BSR kernels are built into this _C)
-    from sparsecore.models import bsr_available
+    from sparsecore.apps.models import bsr_available
     m = build_model("g2g", 256, 10, (256, 256), groups=4)
     want = 64 if bsr_available() else 1
     assert [l.block_size for l in layers(m)[:2]] == [want, want]

@@ -1,4 +1,4 @@
-"""sparsecore.train: the JSON report, kill-and-resume to the same result, atomic checkpoints, clear errors."""
+"""sparsecore.apps.train: the JSON report, kill-and-resume to the same result, atomic checkpoints, clear errors."""
 import importlib.util
 import json
 import os
@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from sparsecore.train import (CHECKPOINT_NAME, TrainConfig, TrainError, load_checkpoint, main,
+from sparsecore.apps.train import (CHECKPOINT_NAME, TrainConfig, TrainError, load_checkpoint, main,
                               save_checkpoint_atomic, train)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -196,7 +196,7 @@ def test_kill_during_write_never_replaces_good_checkpoint(tmp_path, threads1):
     good = path.read_bytes()
     script = textwrap.dedent(f"""
         import sys, time, torch
-        from sparsecore.train import save_checkpoint_atomic
+        from sparsecore.apps.train import save_checkpoint_atomic
         class Slow:
             def __reduce__(self):
                 print("writing", flush=True)
@@ -302,7 +302,7 @@ def test_train_api_raises_value_errors():
 
 def test_machine_info_names_the_kernels_instruction_set():
     from sparsecore import _C
-    from sparsecore.train import machine_info
+    from sparsecore.apps.train import machine_info
 
     info = machine_info()
     assert info["kernel_isa"] == _C.kernel_isa() and info["kernel_isa"] in ("generic", "avx2", "avx512")

@@ -4,7 +4,7 @@ same epochs, and compare accuracy, time per epoch and memory.
     sparsecore bench e2e                                   # builtin data, all methods, about a minute on 2 cores
     sparsecore bench e2e --dataset fashion-mnist --data-dir shared/data --epochs 20 --out results/e2e
 
-Every method is trained in this process, one after the other, through :func:`sparsecore.train.train` with the same
+Every method is trained in this process, one after the other, through :func:`sparsecore.apps.train.train` with the same
 split, seed, batch size, optimizer and epochs (its report is kept whole in ``results.json``). A short warm-up run
 first pays the one-time costs (lazy initialisation of torch and the kernels) so they do not land on the first
 method. Per method the table shows:
@@ -15,7 +15,7 @@ method. Per method the table shows:
   evaluation), and ``vs dense``: that time over the dense MLP's (below 1 = faster than dense; ``speed-up`` in the
   JSON is the inverse);
 * ``peak MB``: peak resident memory while the method trained minus the resident memory when it started (Linux
-  ``VmHWM``, reset before each run; see :mod:`sparsecore.train`), and ``state MB``: exact tensor bytes of
+  ``VmHWM``, reset before each run; see :mod:`sparsecore.apps.train`), and ``state MB``: exact tensor bytes of
   parameters, gradients, optimizer state and topology buffers.
 
 Defaults: builtin data, widths 1000-1000-1000, 5 epochs, lr 0.05 (``sparsecore train`` keeps CTRE's 0.01, meant for
@@ -38,8 +38,8 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .models import METHODS
-from .train import (TrainConfig, TrainError, _key_value, _write_text_atomic, add_common_arguments,
-                    check_common_arguments, common_config, machine_info, train)
+from .train import TrainConfig, TrainError, machine_info, train, write_text_atomic
+from .train.cli import add_common_arguments, check_common_arguments, common_config, key_value
 
 __all__ = ["main", "run", "format_table", "plot"]
 
@@ -74,7 +74,7 @@ def _parse_run(s: str) -> Dict[str, Any]:
     spec: Dict[str, Any] = {"label": label, "method": method, "epsilon": None, "density": None,
                             "model_options": {}, "dst_options": {}}
     for item in (parts[2].split(";") if len(parts) == 3 and parts[2].strip() else []):
-        key, value = _key_value(item.replace("dst.", "dst__", 1))
+        key, value = key_value(item.replace("dst.", "dst__", 1))
         if key in ("epsilon", "density"):
             spec[key] = value
         elif key.startswith("dst__"):
@@ -263,7 +263,7 @@ def run(methods: Sequence[str], *, out: Optional[str] = "e2e-results", plot_png:
             results["plot"] = None if note else str(out_dir / "e2e.png")
             if note:
                 results["plot_note"] = note
-        _write_text_atomic(json.dumps(results, indent=2) + "\n", out_dir / "results.json")
+        write_text_atomic(json.dumps(results, indent=2) + "\n", out_dir / "results.json")
         say(f"\nwrote {out_dir / 'results.json'}" + (f" and {out_dir / 'e2e.png'}" if plot_png and not note else ""))
         if note:
             say(f"note: {note}")

@@ -29,14 +29,14 @@ from typing import Callable, Dict, List, Optional
 import torch
 from torch import nn
 
-from .nn import SparseLinear
-from .pattern import Pattern
-from .train import _write_text_atomic
+from ..nn import SparseLinear
+from ..pattern import Pattern
+from .train import write_text_atomic
 from .train import machine_info as _train_machine_info
 
 
 def machine_info() -> Dict[str, object]:
-    """:func:`sparsecore.train.machine_info` plus the version of sparseprop when it is installed."""
+    """:func:`sparsecore.apps.train.machine_info` plus the version of sparseprop when it is installed."""
     info = dict(_train_machine_info())
     try:
         from importlib.metadata import version
@@ -72,7 +72,7 @@ def make_impls(out_f: int, in_f: int, batch: int, density: float, dtype: torch.d
                include: List[str]) -> List[Impl]:
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(in_f, out_f, dtype=dtype)
-    from .topology import uniform
+    from ..topology import uniform
 
     pattern: Pattern = uniform(out_f, in_f, density, generator=gen)
     x = torch.randn(batch, in_f, dtype=dtype, generator=gen, requires_grad=True)
@@ -214,7 +214,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if args.json:
         payload = {"shape": [args.out_features, args.in_features], "batch": args.batch, "dtype": args.dtype,
                    "repeat": args.repeat, "block": args.block, "machine": info, "results": results}
-        _write_text_atomic(json.dumps(payload, indent=2) + "\n", args.json)
+        write_text_atomic(json.dumps(payload, indent=2) + "\n", args.json)
         print(f"\nwrote {args.json}")
     return 0
 

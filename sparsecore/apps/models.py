@@ -60,8 +60,8 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
-from .nn import SparseLinear
-from .pattern import Pattern
+from ..nn import SparseLinear
+from ..pattern import Pattern
 
 __all__ = ["METHODS", "MLP", "build_model", "make_updater", "method_defaults", "linear_layers", "model_stats",
            "bsr_available"]
@@ -104,7 +104,7 @@ def method_defaults(method: str) -> Dict[str, Any]:
 
 def bsr_available() -> bool:
     """Whether the block-sparse CPU kernels are built into this ``sparsecore._C``."""
-    from . import _C
+    from .. import _C
 
     return hasattr(_C, "bsr_spmm")
 
@@ -288,7 +288,7 @@ def build_model(method: str, in_features: int, n_classes: int, hidden: Sequence[
 
 
 def _build(method, in_features, n_classes, hidden, input_shape, epsilon, density, seed, opts, init) -> MLP:
-    from . import topology
+    from .. import topology
 
     widths = [in_features, *hidden, n_classes]
     shapes = [(widths[i + 1], widths[i]) for i in range(len(widths) - 1)]   # (out, in)
@@ -426,7 +426,7 @@ def make_updater(method: str, model: nn.Module, optimizer: torch.optim.Optimizer
         if options:
             raise ValueError(f"method {method!r} has no topology updates; got updater options {sorted(options)}")
         return None
-    from . import dst
+    from .. import dst
 
     total_steps = int(epochs) * int(steps_per_epoch)
     opts = dict(options)

@@ -1,0 +1,291 @@
+"""The training loop of ``sparsecore train``: :func:`train` takes a :class:`TrainConfig` and returns the report.
+
+See :mod:`sparsecore.apps.train` for what the loop does, what the report holds and how checkpoints resume.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import random
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models import build_model, make_updater, model_stats
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, rng_state,
+                         save_checkpoint_atomic, set_rng_state, write_text_atomic)
+from .config import TrainConfig, TrainError, check_config, jsonable
+from .report import machine_info, peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb, state_bytes
+
+__all__ = ["train"]
+
+
+class _Progress:
+    """A plain-text progress bar on stderr: redrawn in place on a terminal, one line per epoch otherwise."""
+
+    def __init__(self, enabled: bool, stream=None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self.tty = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last = 0.0
+
+    def update(self, epoch: int, epochs: int, i: int, n: int, loss: float) -> None:
+        if not self.tty:
+            return
+        now = time.perf_counter()
+        if i < n and now - self._last < 0.1:
+            return
+        self._last = now
+        w = 30
+        done = int(w * i / max(n, 1))
+        self.stream.write(f"\repoch {epoch}/{epochs} [{'#' * done}{'.' * (w - done)}] {i}/{n} loss {loss:.4f}")
+        self.stream.flush()
+
+    def line(self, text: str) -> None:
+        if not self.enabled:
+            return
+        if self.tty:
+            self.stream.write("\r\033[K")
+        self.stream.write(text + "\n")
+        self.stream.flush()
+
+
+
+
+def _load_data(c: TrainConfig):
+    from .. import data as data_mod
+
+    try:
+        ds = data_mod.load_dataset(c.dataset, c.data_dir, val_fraction=c.val_fraction, seed=c.seed)
+    except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError, NotImplementedError) as e:
+        raise TrainError(f"dataset {c.dataset!r}: {e}") from e
+    except Exception as e:  # e.g. zlib.error or a reader's own error type on a corrupt file
+        raise TrainError(f"dataset {c.dataset!r} could not be read: {type(e).__name__}: {e}") from e
+    problems = []
+    if ds.n_train == 0:
+        problems.append("no training samples")
+    if ds.n_test == 0:
+        problems.append("no test samples")
+    if ds.n_classes < 2:
+        problems.append(f"{ds.n_classes} class(es)")
+    for part in ("train", "val", "test"):
+        x, y = getattr(ds, "x_" + part), getattr(ds, "y_" + part)
+        if x.dim() != 2 or x.shape[1] != ds.n_features or x.shape[0] != y.shape[0]:
+            problems.append(f"{part} features of shape {tuple(x.shape)} do not match {y.shape[0]} labels x "
+                            f"{ds.n_features} features")
+        elif x.numel() and not torch.isfinite(x).all():
+            problems.append(f"non-finite {part} features")
+        if y.numel() and (int(y.min()) < 0 or int(y.max()) >= ds.n_classes):
+            problems.append(f"{part} labels outside 0..{ds.n_classes - 1}")
+    if problems:
+        raise TrainError(f"dataset {c.dataset!r} is unusable: " + "; ".join(problems))
+    return ds
+
+
+@torch.no_grad()
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int) -> Optional[float]:
+    if y.numel() == 0:
+        return None
+    was = model.training
+    model.eval()
+    correct = 0
+    for i in range(0, x.shape[0], bs):
+        correct += int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum())
+    model.train(was)
+    return correct / y.numel()
+
+
+def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
+    """Train ``config.method`` on ``config.dataset``; returns the report (also written to ``config.json``).
+
+    Raises :class:`TrainError` (a ``ValueError``) for bad settings, bad data or an unusable checkpoint.
+    """
+    c = TrainConfig(**config) if isinstance(config, dict) else dataclasses.replace(config)
+    c = check_config(c)
+    progress = _Progress(not c.quiet)
+    if c.threads is not None:
+        torch.set_num_threads(c.threads)
+
+    random.seed(c.seed)
+    np.random.seed(c.seed % 2**32)
+    torch.manual_seed(c.seed)
+    ds = _load_data(c)
+
+    release_free_memory()
+    peak_reset = reset_peak_rss()
+    rss_start = rss_mb()
+    try:
+        model = build_model(c.method, ds.n_features, ds.n_classes, c.hidden, input_shape=ds.input_shape,
+                            epsilon=c.epsilon, density=c.density, seed=c.seed, **c.model_options)
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"method {c.method!r}: {e}") from e
+    nnz_initial = model_stats(model)["nnz"]
+    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
+                                weight_decay=c.weight_decay)
+    data_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
+    from ..data import batches
+
+    loader = batches(ds.x_train, ds.y_train, c.batch_size, shuffle=True, generator=data_gen)
+    steps_per_epoch = len(loader)
+    try:
+        updater = make_updater(c.method, model, optimizer, epochs=c.epochs, steps_per_epoch=steps_per_epoch,
+                               seed=c.seed, **c.dst_options)
+    except (ValueError, TypeError) as e:
+        raise TrainError(f"method {c.method!r}: {e}") from e
+
+    state: Dict[str, Any] = {"epoch": 0, "best_val": None, "best_epoch": None, "test_at_best": None,
+                             "history": [], "epoch_seconds": [], "eval_seconds": [], "resumed_from": []}
+    ckpt_path = Path(c.checkpoint) / CHECKPOINT_NAME if c.checkpoint else None
+    if c.resume and ckpt_path is not None:
+        if ckpt_path.is_file():
+            ck = load_checkpoint(ckpt_path)
+            if ck["fingerprint"] != c.fingerprint():
+                diff = sorted(k for k in set(ck["fingerprint"]) | set(c.fingerprint())
+                              if ck["fingerprint"].get(k) != c.fingerprint().get(k))
+                raise TrainError(f"checkpoint {str(ckpt_path)!r} was written with different settings "
+                                 f"({', '.join(diff)}): resume with the same ones, or start a new run without --resume")
+            try:
+                model.load_state_dict(ck["model"])
+                optimizer.load_state_dict(ck["optimizer"])
+                if updater is not None:
+                    updater.load_state_dict(ck["updater"])
+            except (RuntimeError, KeyError, ValueError) as e:
+                raise TrainError(f"checkpoint {str(ckpt_path)!r} does not fit this model: {e}") from e
+            set_rng_state(ck["rng"], data_gen)
+            state = ck["state"]
+            state["resumed_from"] = state.get("resumed_from", []) + [state["epoch"]]
+            if ck.get("threads") != torch.get_num_threads():
+                progress.line(f"note: checkpoint written with {ck.get('threads')} threads, now "
+                              f"{torch.get_num_threads()}: the result may differ in the last bits")
+            progress.line(f"resumed from {ckpt_path} after epoch {state['epoch']}")
+        else:
+            progress.line(f"no checkpoint at {ckpt_path}: starting from scratch")
+
+    stats0 = model_stats(model)
+    progress.line(f"{c.method}: {ds.name} train/val/test {ds.n_train}/{ds.n_val}/{ds.n_test}, widths "
+                  f"{model.widths}, nnz {stats0['nnz']} of {stats0['dense_params']} (density "
+                  f"{stats0['density']:.4g}), {torch.get_num_threads()} threads")
+
+    model.train()
+    for epoch in range(state["epoch"], c.epochs):
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for i, (xb, yb) in enumerate(loader):
+            optimizer.zero_grad(set_to_none=True)
+            out = model(xb)
+            loss = F.cross_entropy(out, yb)
+            loss.backward()
+            optimizer.step()
+            if updater is not None:
+                updater.step()
+            lv = float(loss.detach())
+            if not math.isfinite(lv):
+                raise FloatingPointError(f"the loss became {lv} at epoch {epoch + 1}, step {i + 1}: lower the lr")
+            loss_sum += lv * yb.shape[0]
+            correct += int((out.detach().argmax(1) == yb).sum())
+            seen += yb.shape[0]
+            progress.update(epoch + 1, c.epochs, i + 1, steps_per_epoch, loss_sum / seen)
+        train_s = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        val_acc = _accuracy(model, ds.x_val, ds.y_val, c.eval_batch_size)
+        test_acc = _accuracy(model, ds.x_test, ds.y_test, c.eval_batch_size)
+        eval_s = time.perf_counter() - t1
+        nnz_now = model_stats(model)["nnz"]
+
+        improved = (val_acc is not None and (state["best_val"] is None or val_acc > state["best_val"])) or \
+            (val_acc is None)
+        if improved:
+            state["best_val"], state["best_epoch"], state["test_at_best"] = val_acc, epoch + 1, test_acc
+
+        t2 = time.perf_counter()
+        if updater is not None:        # the updater skips the rewiring after the last epoch itself
+            if val_acc is not None:
+                updater.report_validation(val_acc)
+            updater.epoch_end()
+        dst_s = time.perf_counter() - t2
+
+        state["epoch"] = epoch + 1
+        state["epoch_seconds"].append(train_s + dst_s)
+        state["eval_seconds"].append(eval_s)
+        state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
+                                 "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,
+                                 "test_accuracy": test_acc, "nnz": nnz_now, "train_seconds": train_s,
+                                 "topology_seconds": dst_s, "eval_seconds": eval_s})
+        vtxt = "-" if val_acc is None else f"{val_acc:.4f}"
+        progress.line(f"epoch {epoch + 1}/{c.epochs}  loss {loss_sum / max(seen, 1):.4f}  train "
+                      f"{correct / max(seen, 1):.4f}  val {vtxt}  test {test_acc:.4f}  nnz {nnz_now}  "
+                      f"{train_s + dst_s:.2f} s")
+        if ckpt_path is not None:
+            save_checkpoint_atomic({
+                "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": c.fingerprint(),
+                "config": c.to_dict(), "threads": torch.get_num_threads(),
+                "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                "updater": updater.state_dict() if updater is not None else None,
+                "state": state, "rng": rng_state(data_gen),
+            }, ckpt_path)
+        if c.stop_after_epoch is not None and epoch + 1 == c.stop_after_epoch and epoch + 1 < c.epochs:
+            # testing hook: die like a killed job, right after the checkpoint (no cleanup, no atexit)
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    stats = model_stats(model)
+    hist = state["history"]
+    report: Dict[str, Any] = {
+        "method": c.method,
+        "dataset": ds.name,
+        "test_accuracy": state["test_at_best"],
+        "best_epoch": state["best_epoch"],
+        "best_val_accuracy": state["best_val"],
+        "selection": "best validation accuracy" if ds.n_val else "last epoch (no validation set)",
+        "final_test_accuracy": hist[-1]["test_accuracy"] if hist else None,
+        "final_val_accuracy": hist[-1]["val_accuracy"] if hist else None,
+        "epochs": c.epochs,
+        "epoch_seconds": state["epoch_seconds"],
+        "mean_epoch_seconds": (sum(state["epoch_seconds"]) / len(state["epoch_seconds"])
+                               if state["epoch_seconds"] else None),
+        "eval_seconds": state["eval_seconds"],
+        "epoch_seconds_note": "training steps + topology update per epoch; evaluation and checkpoints excluded",
+        "nnz": stats["nnz"],
+        "nnz_initial": nnz_initial,
+        "dense_params": stats["dense_params"],
+        "density": stats["density"],
+        "n_params": stats["n_params"],
+        "layers": stats["layers"],
+        "model_info": jsonable(getattr(model, "info", {})),
+        "peak_memory_mb": peak_rss_mb(),
+        "peak_memory_delta_mb": (peak_rss_mb() - rss_start) if (peak_reset and rss_start is not None) else None,
+        "peak_memory_how": ("peak RSS (VmHWM) since a reset after data loading, before the model was built"
+                            if peak_reset else "peak RSS of the whole process (getrusage ru_maxrss)"),
+        "state_memory_mb": state_bytes(model, optimizer) / 2**20,
+        "state_memory_how": "bytes of parameters, gradients, optimizer state and buffers after training",
+        "topology_updates": None if updater is None else int(updater.n_updates),
+        "updater": None if updater is None else repr(updater),
+        "history": hist,
+        "resumed_from_epochs": state.get("resumed_from", []),
+        "steps_per_epoch": steps_per_epoch,
+        "args": c.to_dict(),
+        "split": {"n_train": ds.n_train, "n_val": ds.n_val, "n_test": ds.n_test, "n_features": ds.n_features,
+                  "n_classes": ds.n_classes, "input_shape": list(ds.input_shape),
+                  **jsonable(dict(ds.split_info))},
+        "machine": machine_info(),
+        "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+    }
+    if c.json:
+        write_text_atomic(json.dumps(report, indent=2) + "\n", c.json)
+    if not c.quiet:
+        acc = report["test_accuracy"]
+        acc_txt = "n/a (0 epochs)" if acc is None else f"{acc:.4f}"
+        print(f"{c.method}: test accuracy {acc_txt} at epoch {report['best_epoch']} (best validation), "
+              f"nnz {stats['nnz']} / {stats['dense_params']} (density {stats['density']:.4g}), "
+              f"{report['mean_epoch_seconds'] or 0:.3f} s/epoch" + (f"; report: {c.json}" if c.json else ""))
+    return report
