@@ -67,6 +67,6 @@ def test_backward_kernels(benchmark, data, density, kernel):
     layer = SparseLinear(SIZE, SIZE, pattern=uniform(SIZE, SIZE, density, seed=0))
     p, v = layer.pattern, layer.values.detach()
     if kernel == "dX":
-        benchmark(spmm_t, dy, v, p.colptr, p.row, p.perm, SIZE, 1)
+        benchmark(spmm_t, dy, v, p.rowptr, p.col, p.colptr, p.row, p.perm, SIZE, 1)
     else:
-        benchmark(sddmm, dy, x, p.rowptr, p.col, 1)
+        benchmark(sddmm, dy, x, p.rowptr, p.col, p.colptr, p.row, p.perm, 1)

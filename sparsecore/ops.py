@@ -1,13 +1,14 @@
 """The sparse linear op: ``y = x W^T + b`` with W stored as a :class:`~sparsecore.pattern.Pattern` and values.
 
 Three ``torch.library`` custom ops do the work, each with a fake (meta) implementation so ``torch.compile`` can
-trace them, and autograd is registered on the forward op:
+trace them, an autograd rule and an autocast rule:
 
     sparsecore::spmm    y  (B, out) = x (B, in) W^T + b         forward
     sparsecore::spmm_t  dx (B, in)  = dy (B, out) W             through the transpose index: no atomics
     sparsecore::sddmm   dW          = (dy^T x) at the live entries only  (values-shaped, never (out, in))
 
-and db = sum over the batch of dy. Kernels: C++ (``sparsecore._C``) for CPU tensors, Triton for CUDA tensors,
+and db = sum over the batch of dy. The op is bilinear in (x, W), so the gradient of each op is made of the three
+ops again: gradients of gradients (``create_graph=True``, e.g. a gradient penalty) are exact. Kernels: C++ (``sparsecore._C``) for CPU tensors, Triton for CUDA tensors,
 see :mod:`sparsecore.backend`. Users call :func:`sparse_linear`, which checks its inputs and raises clear
 errors; the raw ops assume checked inputs. In eager mode :func:`sparse_linear` runs the same implementations
 through a plain ``autograd.Function`` (the custom-op dispatch costs more than the kernels of a very sparse
@@ -51,7 +52,10 @@ def _check_cpu_dtype(t: Tensor) -> None:
                         "float16/bfloat16 run on the Triton backend (CUDA)")
 
 
-# ----------------------------------------------------------------------------------------------- forward
+# ----------------------------------------------------------------------------------------------- kernels
+# The three implementations below pick the backend for the tensors' device and call one kernel; they assume
+# checked inputs (sparse_linear checks) and never record autograd history.
+
 def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, n_out: int,
                block_size: int) -> Tensor:
     if resolve(x.device) == "triton":
@@ -68,19 +72,6 @@ def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor
     return y
 
 
-@torch.library.custom_op("sparsecore::spmm", mutates_args=())
-def spmm(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, colptr: Tensor,
-         row: Tensor, perm: Tensor, n_out: int, block_size: int) -> Tensor:
-    """y (B, n_out) = x (B, in) W^T + bias. colptr/row/perm are carried for the backward pass."""
-    return _spmm_impl(x, values, bias, rowptr, col, n_out, block_size)
-
-
-@spmm.register_fake
-def _(x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size):
-    return x.new_empty(x.shape[0], n_out)
-
-
-# ----------------------------------------------------------------------------------------------- dX
 def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: Tensor, n_in: int,
                  block_size: int) -> Tensor:
     if resolve(dy.device) == "triton":
@@ -96,19 +87,6 @@ def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: 
     return dx
 
 
-@torch.library.custom_op("sparsecore::spmm_t", mutates_args=())
-def spmm_t(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: Tensor, n_in: int,
-           block_size: int) -> Tensor:
-    """dx (B, n_in) = dy (B, out) W, over the column-ordered index (W^T's values are values[perm])."""
-    return _spmm_t_impl(dy, values, colptr, row, perm, n_in, block_size)
-
-
-@spmm_t.register_fake
-def _(dy, values, colptr, row, perm, n_in, block_size):
-    return dy.new_empty(dy.shape[0], n_in)
-
-
-# ----------------------------------------------------------------------------------------------- dW
 def _sddmm_impl(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: int) -> Tensor:
     if resolve(dy.device) == "triton":
         tk = _triton()
@@ -125,75 +103,231 @@ def _sddmm_impl(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: 
     return out
 
 
+def _n_out(rowptr: Tensor, block_size: int) -> int:
+    return (rowptr.shape[0] - 1) * block_size
+
+
+# ----------------------------------------------------------------------------------------------- custom ops
+# Every op takes the whole pattern (rowptr, col and the transpose index colptr, row, perm), so that each op's
+# backward can be written with the three ops themselves: the set is closed under differentiation, and double
+# backward (create_graph=True) is exact to any order.
+
+@torch.library.custom_op("sparsecore::spmm", mutates_args=())
+def spmm(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, colptr: Tensor,
+         row: Tensor, perm: Tensor, n_out: int, block_size: int) -> Tensor:
+    """y (B, n_out) = x (B, in) W^T + bias."""
+    return _spmm_impl(x, values, bias, rowptr, col, n_out, block_size)
+
+
+@spmm.register_fake
+def _(x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size):
+    return x.new_empty(x.shape[0], n_out)
+
+
+@torch.library.custom_op("sparsecore::spmm_t", mutates_args=())
+def spmm_t(dy: Tensor, values: Tensor, rowptr: Tensor, col: Tensor, colptr: Tensor, row: Tensor, perm: Tensor,
+           n_in: int, block_size: int) -> Tensor:
+    """dx (B, n_in) = dy (B, out) W, over the column-ordered index (W^T's values are values[perm])."""
+    return _spmm_t_impl(dy, values, colptr, row, perm, n_in, block_size)
+
+
+@spmm_t.register_fake
+def _(dy, values, rowptr, col, colptr, row, perm, n_in, block_size):
+    return dy.new_empty(dy.shape[0], n_in)
+
+
 @torch.library.custom_op("sparsecore::sddmm", mutates_args=())
-def sddmm(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: int) -> Tensor:
+def sddmm(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, colptr: Tensor, row: Tensor, perm: Tensor,
+          block_size: int) -> Tensor:
     """dW at the live entries: (nnz,) or (nnz, bs, bs), entry k = sum_b dy[b, rows of k] x[b, cols of k]."""
     return _sddmm_impl(dy, x, rowptr, col, block_size)
 
 
 @sddmm.register_fake
-def _(dy, x, rowptr, col, block_size):
+def _(dy, x, rowptr, col, colptr, row, perm, block_size):
     nnz = col.shape[0]
     shape = (nnz,) if block_size == 1 else (nnz, block_size, block_size)
     return dy.new_empty(shape)
 
 
-# ----------------------------------------------------------------------------------------------- autograd
-def _setup_context(ctx, inputs, output):
+# ---- autograd of the ops: y = x W^T + b is bilinear in (x, W), so every gradient is one of the three ops
+def _spmm_setup(ctx, inputs, output):
     x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size = inputs
     ctx.save_for_backward(x, values, rowptr, col, colptr, row, perm)
-    ctx.has_bias = bias is not None
+    ctx.has_bias, ctx.block_size = bias is not None, block_size
+
+
+def _spmm_backward(ctx, dy):
+    x, values, rowptr, col, colptr, row, perm = ctx.saved_tensors
+    bs, (need_x, need_v, need_b) = ctx.block_size, ctx.needs_input_grad[:3]
+    dy = dy.contiguous()
+    dx = spmm_t(dy, values, rowptr, col, colptr, row, perm, x.shape[1], bs) if need_x else None
+    dv = sddmm(dy, x, rowptr, col, colptr, row, perm, bs) if need_v else None
+    db = dy.sum(0) if (ctx.has_bias and need_b) else None
+    return (dx, dv, db) + (None,) * 7
+
+
+def _spmm_t_setup(ctx, inputs, output):
+    dy, values, rowptr, col, colptr, row, perm, n_in, block_size = inputs
+    ctx.save_for_backward(dy, values, rowptr, col, colptr, row, perm)
     ctx.block_size = block_size
 
 
-def _grads(ctx, dy, x, values, rowptr, col, colptr, row, perm, spmm_t_fn, sddmm_fn):
-    """(dx, dvalues, dbias) for the inputs that need them (None for the others)."""
-    dy = dy.contiguous()
-    need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
-    dx = spmm_t_fn(dy, values, colptr, row, perm, x.shape[1], ctx.block_size) if need_x else None
-    dv = sddmm_fn(dy, x, rowptr, col, ctx.block_size) if need_v else None
-    db = dy.sum(0) if (ctx.has_bias and need_b) else None
-    return dx, dv, db
+def _spmm_t_backward(ctx, g):
+    # dx = dy W:  d(dy) = g W^T (the forward op),  d(W) = (dy^T g) at the live entries (the SDDMM)
+    dy, values, rowptr, col, colptr, row, perm = ctx.saved_tensors
+    bs, (need_dy, need_v) = ctx.block_size, ctx.needs_input_grad[:2]
+    g = g.contiguous()
+    ddy = spmm(g, values, None, rowptr, col, colptr, row, perm, _n_out(rowptr, bs), bs) if need_dy else None
+    dv = sddmm(dy, g, rowptr, col, colptr, row, perm, bs) if need_v else None
+    return (ddy, dv) + (None,) * 7
 
 
-def _backward(ctx, dy):
-    x, values, rowptr, col, colptr, row, perm = ctx.saved_tensors
-    return _grads(ctx, dy, x, values, rowptr, col, colptr, row, perm, spmm_t, sddmm) + (None,) * 7
+def _sddmm_setup(ctx, inputs, output):
+    dy, x, rowptr, col, colptr, row, perm, block_size = inputs
+    ctx.save_for_backward(dy, x, rowptr, col, colptr, row, perm)
+    ctx.block_size = block_size
 
 
-spmm.register_autograd(_backward, setup_context=_setup_context)
+def _sddmm_backward(ctx, h):
+    # dW = (dy^T x) at the live entries:  d(dy) = x H^T (forward op with values h),  d(x) = dy H (transposed op)
+    dy, x, rowptr, col, colptr, row, perm = ctx.saved_tensors
+    bs, (need_dy, need_x) = ctx.block_size, ctx.needs_input_grad[:2]
+    h = h.contiguous()
+    ddy = spmm(x, h, None, rowptr, col, colptr, row, perm, _n_out(rowptr, bs), bs) if need_dy else None
+    dx = spmm_t(dy, h, rowptr, col, colptr, row, perm, x.shape[1], bs) if need_x else None
+    return (ddy, dx) + (None,) * 6
+
+
+spmm.register_autograd(_spmm_backward, setup_context=_spmm_setup)
+spmm_t.register_autograd(_spmm_t_backward, setup_context=_spmm_t_setup)
+sddmm.register_autograd(_sddmm_backward, setup_context=_sddmm_setup)
+
+
+# ---- autocast: cast to the autocast region's dtype at call time (torch.library.register_autocast fixes one dtype
+# at registration; a region may ask for float16 or bfloat16), as nn.Linear does: floating tensors of the region's
+# device except float64, then run the op with autocast off.
+def _autocast_dtype(device_type: str) -> Optional[torch.dtype]:
+    """The dtype of the enclosing ``torch.autocast`` region for ``device_type``, or None outside one."""
+    if not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
+def _autocast_cast(t, device_type: str, dtype: torch.dtype):
+    if isinstance(t, Tensor) and t.is_floating_point() and t.device.type == device_type and t.dtype != torch.float64:
+        return t.to(dtype)
+    return t
+
+
+def _register_autocast(op, device_type: str) -> None:
+    # As CustomOpDef.register_autocast does, with the dtype read at call time instead of fixed at registration.
+    key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
+    keyset = torch._C.DispatchKeySet(getattr(torch._C.DispatchKey, key_name))
+
+    def kernel(_keyset, *args):
+        dtype = torch.get_autocast_dtype(device_type)
+        with torch._C._ExcludeDispatchKeyGuard(keyset):
+            return op._opoverload(*(_autocast_cast(a, device_type, dtype) for a in args))
+
+    op._lib.impl(op._name, kernel, key_name, with_keyset=True)
+
+
+for _op in (spmm, spmm_t, sddmm):
+    for _device_type in ("cpu", "cuda"):
+        _register_autocast(_op, _device_type)
+
+
+# ----------------------------------------------------------------------------------------------- eager autograd
+# The same forward and backward as the custom ops, without the dispatcher: in eager mode torch.library's Python
+# custom ops cost ~0.3 ms per layer and step, which at high sparsity is more than the kernels. The pattern goes in
+# as one Python object, not five tensors: apply() costs per argument, and the index tensors need no version checks
+# (a pattern is never modified in place; edits install new tensors). A backward run with create_graph=True (grad
+# mode on inside it) goes through the differentiable Functions below, so gradients of gradients are exact; the
+# usual backward calls the kernels directly.
+
+def _eager_spmm_t(dy, values, p):
+    if torch.is_grad_enabled() and (dy.requires_grad or values.requires_grad):
+        return _EagerSpmmT.apply(dy, values, p)
+    return _spmm_t_impl(dy, values, p.colptr, p.row, p.perm, p.shape[1], p.block_size)
+
+
+def _eager_sddmm(dy, x, p):
+    if torch.is_grad_enabled() and (dy.requires_grad or x.requires_grad):
+        return _EagerSddmm.apply(dy, x, p)
+    return _sddmm_impl(dy, x, p.rowptr, p.col, p.block_size)
+
+
+def _eager_spmm(x, values, p):
+    if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
+        return _EagerSparseLinear.apply(x, values, None, p)
+    return _spmm_impl(x, values, None, p.rowptr, p.col, p.shape[0], p.block_size)
 
 
 class _EagerSparseLinear(torch.autograd.Function):
-    """The same forward and backward as the custom ops, without the dispatcher: in eager mode torch.library's
-    Python custom ops cost ~0.3 ms per layer and step, which at high sparsity is more than the kernels. Under
-    torch.compile :func:`sparse_linear` uses the custom ops, which the compiler can trace.
-
-    The pattern goes in as one Python object, not five tensors: apply() costs per argument, and the index
-    tensors need no version checks (a pattern is never modified in place; edits install new tensors)."""
+    """y = x W^T + b (the ``spmm`` op without the dispatcher)."""
 
     @staticmethod
     def forward(ctx, x, values, bias, pattern):
         ctx.save_for_backward(x, values)
-        ctx.pattern = pattern
-        ctx.has_bias = bias is not None
-        ctx.block_size = pattern.block_size
+        ctx.pattern, ctx.has_bias = pattern, bias is not None
         return _spmm_impl(x, values, bias, pattern.rowptr, pattern.col, pattern.shape[0], pattern.block_size)
 
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
-        p = ctx.pattern
-        return _grads(ctx, dy, x, values, p.rowptr, p.col, p.colptr, p.row, p.perm, _spmm_t_impl,
-                      _sddmm_impl) + (None,)
+        p, (need_x, need_v, need_b) = ctx.pattern, ctx.needs_input_grad[:3]
+        dy = dy.contiguous()
+        dx = _eager_spmm_t(dy, values, p) if need_x else None
+        dv = _eager_sddmm(dy, x, p) if need_v else None
+        db = dy.sum(0) if (ctx.has_bias and need_b) else None
+        return dx, dv, db, None
+
+
+class _EagerSpmmT(torch.autograd.Function):
+    """dx = dy W (the ``spmm_t`` op without the dispatcher); only built for create_graph backward passes."""
+
+    @staticmethod
+    def forward(ctx, dy, values, pattern):
+        ctx.save_for_backward(dy, values)
+        ctx.pattern = pattern
+        return _spmm_t_impl(dy, values, pattern.colptr, pattern.row, pattern.perm, pattern.shape[1],
+                            pattern.block_size)
+
+    @staticmethod
+    def backward(ctx, g):
+        dy, values = ctx.saved_tensors
+        p, (need_dy, need_v) = ctx.pattern, ctx.needs_input_grad[:2]
+        g = g.contiguous()
+        return (_eager_spmm(g, values, p) if need_dy else None, _eager_sddmm(dy, g, p) if need_v else None, None)
+
+
+class _EagerSddmm(torch.autograd.Function):
+    """dW = (dy^T x) at the live entries (the ``sddmm`` op without the dispatcher); create_graph passes only."""
+
+    @staticmethod
+    def forward(ctx, dy, x, pattern):
+        ctx.save_for_backward(dy, x)
+        ctx.pattern = pattern
+        return _sddmm_impl(dy, x, pattern.rowptr, pattern.col, pattern.block_size)
+
+    @staticmethod
+    def backward(ctx, h):
+        dy, x = ctx.saved_tensors
+        p, (need_dy, need_x) = ctx.pattern, ctx.needs_input_grad[:2]
+        h = h.contiguous()
+        return (_eager_spmm(x, h, p) if need_dy else None, _eager_spmm_t(dy, h, p) if need_x else None, None)
 
 
 # ----------------------------------------------------------------------------------------------- user entry
 def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Tensor] = None) -> Tensor:
     """``y = x W^T + bias`` with W given by ``pattern`` and ``values`` (CSR order, shape ``pattern.values_shape``).
 
-    x: (..., in_features), float32/float64 on CPU (float16/bfloat16 too on the Triton backend).
-    Returns (..., out_features) of x's dtype. Differentiable in x, values and bias.
+    x: (..., in_features). x, values and bias share one floating dtype: float32/float64 on the CPU kernels,
+    float32/float16/bfloat16 on the Triton kernels. Inside ``torch.autocast`` the rule is ``nn.Linear``'s: x,
+    values and bias (those that are floating and not float64) are cast to the region's dtype, the op computes and
+    returns that dtype, and the gradients of values and bias come back in their own dtype (the cast is part of
+    the graph). Returns (..., out_features). Differentiable in x, values and bias, to any order.
     """
     if not isinstance(x, Tensor) or not isinstance(values, Tensor):
         raise TypeError("x and values must be torch.Tensor")
@@ -202,13 +336,21 @@ def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Te
         raise ValueError(f"input has shape {tuple(x.shape)}: its last dimension must be in_features = {in_f}")
     if tuple(values.shape) != pattern.values_shape:
         raise ValueError(f"values must have shape {pattern.values_shape}, got {tuple(values.shape)}")
-    if x.dtype != values.dtype:
-        raise TypeError(f"input dtype {x.dtype} does not match the weights' dtype {values.dtype}")
-    if bias is not None and (bias.dtype != x.dtype or tuple(bias.shape) != (out_f,)):
-        raise ValueError(f"bias must be ({out_f},) of dtype {x.dtype}, got {tuple(bias.shape)} {bias.dtype}")
+    if bias is not None and tuple(bias.shape) != (out_f,):
+        raise ValueError(f"bias must have shape ({out_f},), got {tuple(bias.shape)}")
     for name, t in (("values", values), ("bias", bias), ("pattern", pattern.col)):
         if t is not None and t.device != x.device:
             raise ValueError(f"input is on {x.device} but {name} is on {t.device}")
+    # Autocast is applied here, in eager mode and under torch.compile alike (the ops' own autocast rule then finds
+    # nothing left to cast): the dtype check below must see the dtypes the kernels will get.
+    autocast = _autocast_dtype(x.device.type)
+    if autocast is not None:
+        x, values = _autocast_cast(x, x.device.type, autocast), _autocast_cast(values, x.device.type, autocast)
+        bias = _autocast_cast(bias, x.device.type, autocast)
+    if x.dtype != values.dtype or (bias is not None and bias.dtype != x.dtype):
+        got = f"input {x.dtype}, weights {values.dtype}" + ("" if bias is None else f", bias {bias.dtype}")
+        raise TypeError(f"input, weights and bias must have one dtype, got {got}"
+                        + (f" (inside torch.autocast({autocast}): float64 tensors are not cast)" if autocast else ""))
     backend = resolve(x.device)
     if backend == "cpu":
         _check_cpu_dtype(x)

@@ -111,7 +111,7 @@ def test_spmm_work_splits_agree(threads, nnz_kind, gen):
             with tuned(_C._set_spmm_split, mode):
                 check_step_vs_reference(p, w, 70, gen)
                 outs.append((spmm(x, values, None, p.rowptr, p.col, p.colptr, p.row, p.perm, p.shape[0], 1),
-                             spmm_t(dy, values, p.colptr, p.row, p.perm, p.shape[1], 1)))
+                             spmm_t(dy, values, p.rowptr, p.col, p.colptr, p.row, p.perm, p.shape[1], 1)))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])
@@ -136,7 +136,7 @@ def test_sddmm_tile_buffers_agree(threads, block_bytes, gen):
             for mode in (1, 2):
                 with tuned(_C._set_sddmm_tiles, mode):
                     check_step_vs_reference(p, w, 70, gen)
-                    dws.append(sddmm(dy, x, p.rowptr, p.col, 1))
+                    dws.append(sddmm(dy, x, p.rowptr, p.col, p.colptr, p.row, p.perm, 1))
     finally:
         torch.set_num_threads(old)
     assert torch.equal(dws[0], dws[1])
@@ -238,8 +238,8 @@ def test_opcheck(gen):
     args = (x, v, None, p.rowptr, p.col, p.colptr, p.row, p.perm, 6, 1)
     torch.library.opcheck(spmm, args)
     dy = torch.randn(3, 6, dtype=torch.float64)
-    torch.library.opcheck(spmm_t, (dy, v.detach(), p.colptr, p.row, p.perm, 5, 1))
-    torch.library.opcheck(sddmm, (dy, x.detach(), p.rowptr, p.col, 1))
+    torch.library.opcheck(spmm_t, (dy, v.detach(), p.rowptr, p.col, p.colptr, p.row, p.perm, 5, 1))
+    torch.library.opcheck(sddmm, (dy, x.detach(), p.rowptr, p.col, p.colptr, p.row, p.perm, 1))
 
 
 def test_torch_compile(gen):
@@ -259,8 +259,10 @@ def test_bad_inputs(gen):
     v = torch.randn(p.nnz)
     with pytest.raises(ValueError, match="in_features = 4"):
         sparse_linear(torch.randn(2, 3), v, p)
-    with pytest.raises(TypeError, match="does not match"):
+    with pytest.raises(TypeError, match="one dtype, got input torch.float64, weights torch.float32"):
         sparse_linear(torch.randn(2, 4, dtype=torch.float64), v, p)
+    with pytest.raises(TypeError, match="bias torch.float64"):
+        sparse_linear(torch.randn(2, 4), v, p, torch.randn(5, dtype=torch.float64))
     with pytest.raises(ValueError, match="values must have shape"):
         sparse_linear(torch.randn(2, 4), torch.randn(p.nnz + 1), p)
     with pytest.raises(ValueError, match="bias"):
