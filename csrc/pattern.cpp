@@ -34,9 +34,12 @@ py::tuple build_csr(const Arr<int64_t>& rows, const Arr<int64_t>& cols, int64_t 
     rp[r[k] + 1]++;
   }
   for (int64_t i = 0; i < n_rows; ++i) rp[i + 1] += rp[i];
-  // Stable counting sort by row, then sort each row by column.
-  std::vector<int64_t> next(rp, rp + n_rows);
-  for (int64_t k = 0; k < nnz; ++k) ord[next[r[k]]++] = k;
+  // Stable counting sort by row, then sort each row by column. rowptr itself serves as the per-row cursor (it
+  // ends one row ahead and is shifted back), so nothing per row is allocated beyond rowptr: a tall layer of few
+  // entries (2**30 rows, 4,096 entries) costs rowptr's 4 GiB, not three times that.
+  for (int64_t k = 0; k < nnz; ++k) ord[rp[r[k]]++] = k;
+  for (int64_t i = n_rows; i > 0; --i) rp[i] = rp[i - 1];
+  rp[0] = 0;
   for (int64_t i = 0; i < n_rows; ++i) {
     int64_t* b = ord + rp[i];
     int64_t* e = ord + rp[i + 1];
@@ -74,14 +77,17 @@ py::tuple transpose_index(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, i
     std::fill(cp, cp + n_cols + 1, 0);
     for (int64_t k = 0; k < nnz; ++k) cp[co[k] + 1]++;
     for (int64_t j = 0; j < n_cols; ++j) cp[j + 1] += cp[j];
-    std::vector<int32_t> next(cp, cp + n_cols);
+    // colptr is its own cursor (it ends one column ahead and is shifted back): nothing per column is allocated
+    // beyond colptr, which matters for very wide layers of few entries.
     for (int64_t i = 0; i < n_rows; ++i) {
       for (int32_t k = rp[i]; k < rp[i + 1]; ++k) {
-        const int32_t t = next[co[k]]++;
+        const int32_t t = cp[co[k]]++;
         ro[t] = static_cast<int32_t>(i);
         pe[t] = k;
       }
     }
+    for (int64_t j = n_cols; j > 0; --j) cp[j] = cp[j - 1];
+    cp[0] = 0;
   }
   return py::make_tuple(colptr, row, perm);
 }

@@ -195,14 +195,13 @@ def test_kill_during_write_never_replaces_good_checkpoint(tmp_path, threads1):
     path = tmp_path / CHECKPOINT_NAME
     good = path.read_bytes()
     script = textwrap.dedent(f"""
-        import sys, time, torch
+        import os, sys, time, torch
         from sparsecore.apps.train import save_checkpoint_atomic
-        class Slow:
-            def __reduce__(self):
-                print("writing", flush=True)
-                time.sleep(60)
-                return (int, ())
-        save_checkpoint_atomic({{"big": torch.zeros(1 << 20), "slow": Slow()}}, {str(path)!r})
+        def slow_fsync(fd):  # the temporary file is written, not yet renamed over the checkpoint
+            print("writing", flush=True)
+            time.sleep(60)
+        os.fsync = slow_fsync
+        save_checkpoint_atomic({{"big": torch.zeros(1 << 20)}}, {str(path)!r})
     """)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     p = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT)

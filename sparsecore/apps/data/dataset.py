@@ -174,11 +174,23 @@ def _class_counts(y: torch.Tensor, c: int) -> List[int]:
     return torch.bincount(y, minlength=c).tolist() if y.numel() else [0] * c
 
 
+def _check_finite(name: str, part: str, x: np.ndarray) -> None:
+    """ValueError naming the first NaN/inf feature value: one of them would make every normalised value NaN."""
+    if np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.complexfloating):
+        bad = ~np.isfinite(x.reshape(x.shape[0], -1)) if x.size else np.zeros((0, 0), dtype=bool)
+        if bad.any():
+            r, c = np.argwhere(bad)[0]
+            raise ValueError(f"{name}: {int(bad.sum())} non-finite feature value(s) (NaN/inf) in the {part} data, "
+                             f"first at sample {r}, feature {c}")
+
+
 def assemble(name: str, *, x_trainval: np.ndarray, y_trainval: np.ndarray, x_test: np.ndarray,
               y_test: np.ndarray, n_classes: int, input_shape: Tuple[int, ...], image: bool,
               classes: Sequence[Any], val_fraction: float, seed: int, normalize: str,
               info: Dict[str, Any]) -> Dataset:
     """Hold out the validation part, convert, fit the normalisation on the training part, apply it."""
+    for part, x in (("training", x_trainval), ("test", x_test)):
+        _check_finite(name, part, x)
     tr, va = stratified_split(y_trainval, val_fraction, seed, stream=1)
     scale = 1.0 / 255.0 if image else None
     x_tr = _to_float(x_trainval[tr], scale)
@@ -240,12 +252,6 @@ def split_all(name: str, x: np.ndarray, y: np.ndarray, *, test_fraction: float, 
         raise ValueError(f"{name}: empty data, shape {x.shape}")
     if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise ValueError(f"{name}: features must be real numbers, got dtype {x.dtype}")
-    if np.issubdtype(x.dtype, np.floating):
-        bad = ~np.isfinite(x)
-        if bad.any():
-            r, c = np.argwhere(bad)[0]
-            raise ValueError(f"{name}: {int(bad.sum())} non-finite feature values (NaN/inf), first at sample {r}, "
-                             f"feature {c}")
     yi, classes = _remap_labels(y)
     trv, te = stratified_split(yi, test_fraction, seed, stream=0)
     if input_shape is None:

@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 
 from ..models import build_model, make_updater, model_stats
-from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, load_checkpoint, rng_state,
-                         save_checkpoint_atomic, set_rng_state, write_text_atomic)
+from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, check_writable, load_checkpoint,
+                         remove_stale_temporaries, rng_state, save_checkpoint_atomic, set_rng_state,
+                         write_text_atomic)
 from .config import TrainConfig, TrainError, check_config, jsonable
 from .report import machine_info, peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb, state_bytes
 
@@ -110,6 +111,13 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     """
     c = TrainConfig(**config) if isinstance(config, dict) else dataclasses.replace(config)
     c = check_config(c)
+    # Fail now, not after hours of training, when the outputs cannot be written.
+    if c.checkpoint:
+        check_writable(c.checkpoint, folder=True)
+        remove_stale_temporaries(Path(c.checkpoint) / CHECKPOINT_NAME)
+    if c.json:
+        check_writable(c.json, folder=False)
+        remove_stale_temporaries(c.json)
     progress = _Progress(not c.quiet)
     if c.threads is not None:
         torch.set_num_threads(c.threads)
