@@ -673,6 +673,68 @@ def test_similarity_regrowth_exact(method, variant):
     assert all(math.isfinite(v) for v in losses)
 
 
+def test_window_statistics_hold_the_last_rows_exactly():
+    g = torch.Generator().manual_seed(2)
+    X = torch.relu(torch.randn(300, 20, generator=g, dtype=torch.float64))
+    Y = torch.relu(torch.randn(300, 15, generator=g, dtype=torch.float64))
+    st = ActivationStats(20, 15, max_samples=128, mode="window")
+    for i in range(0, 300, 64):
+        st.add(X[i:i + 64], Y[i:i + 64])
+    assert st.n == 300 and st.m == 128
+    assert {tuple(r.tolist()) for r in st.x} == {tuple(r.tolist()) for r in X[-128:]}  # exactly the last 128
+    cos = torch.cat([c for _, c in similarity_chunks(st, "cosine", chunk_elems=50)])
+    torch.testing.assert_close(cos, torch.from_numpy(ref_similarity(X[-128:], Y[-128:], "cosine")))
+    pc = torch.cat([c for _, c in similarity_chunks(st, "pearson", chunk_elems=50)])
+    torch.testing.assert_close(pc, torch.from_numpy(ref_similarity(X[-128:], Y[-128:], "pearson")))
+    big = ActivationStats(20, 15, max_samples=50, mode="window")
+    big.add(X, Y)  # one batch larger than the window
+    assert {tuple(r.tolist()) for r in big.x} == {tuple(r.tolist()) for r in X[-50:]}
+
+
+@pytest.mark.parametrize("method", ["ctre", "g2g"])
+def test_window_records_only_the_last_steps_and_picks_match_exact_scores(method):
+    """steps_per_epoch 8, batch 16, max_samples 48: statistics come from the last 3 steps of each epoch only, and
+    the regrowth is the exact top-k of the scores over those 48 samples."""
+    model = mlp([32, 40, 4], density=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True)
+    x, y = easy_data()
+    u = Updater(model, opt, method, seed=4, steps_per_epoch=8, total_epochs=3, max_samples=48)
+    rec = Recorder(u.layers, [torch.relu, lambda o: torch.softmax(o, -1)])
+    calls = [0]
+    orig = ActivationStats.add
+    ActivationStats.add = lambda self, a, b: (calls.__setitem__(0, calls[0] + 1), orig(self, a, b))[1]
+    try:
+        train_steps(model, opt, u, x, y, 7, batch=16)
+        assert calls[0] == 2 * len(u.layers)  # steps 6 and 7 of 8
+        zeta = 0.2 if method == "ctre" else 0.3
+        refs = []
+        update = u.update
+
+        def snapshot_then_update():  # the pruning reference needs the values right before the update
+            for i, l in enumerate(u.layers):
+                p = l.pattern
+                k = round(zeta * p.nnz)
+                keep = ref_prune(p, l.values.detach().abs().numpy(), k, E.derive_seed(4, 0, i, E.PRUNE))
+                refs.append((p, keep, k))
+            update()
+
+        u.update = snapshot_then_update
+        train_steps(model, opt, u, x, y, 1, batch=16, start=7)  # the epoch's last step, recorded too
+    finally:
+        ActivationStats.add = orig
+    assert calls[0] == 3 * len(u.layers) and u.n_updates == 1
+    for i, l in enumerate(u.layers):
+        p, keep, k = refs[i]
+        X, Y = rec.matrices(i)
+        S = ref_similarity(X[-48:], Y[-48:], "cosine" if method == "ctre" else "pearson")
+        occ = np.zeros(p.shape, bool)
+        r, c = coo(p)
+        occ[r[keep], c[keep]] = True
+        new = ref_grow(S, occ, k, E.derive_seed(4, 0, i, E.GROW))
+        got = set(linpos(l.pattern).tolist()) - set(linpos(p)[keep].tolist())
+        assert got == set(new.tolist())
+
+
 def test_ctre_sim_replaces_regrown_pruned_connections():
     # a layer whose best cosine scores sit exactly at its weakest connections
     layer = SparseLinear(6, 6, bias=False, pattern=Pattern.from_mask(torch.eye(6, dtype=torch.bool)),

@@ -6,12 +6,19 @@ chunk has at most ``chunk_elems`` elements, and the caller streams the chunks in
 (:class:`sparsecore.dst.edit.TopKAbsent`). For BSR, the entry score of a block is the squared L2 norm of the block
 of element scores (the same order as the L2 norm).
 
-Activation statistics (CTRE, G2G) are gathered by forward hooks in bounded memory (:class:`ActivationStats`):
-running sums over *every* training sample seen since the last topology update (count, sum, sum of squares per
-neuron), and a uniform reservoir sample (Vitter's algorithm R) of at most ``max_samples`` rows of the layer's input
-and output activations, paired row by row, for the cross term ``sum_b a_i(b) a_j(b)``. When no more than
-``max_samples`` samples were seen the scores are exact; beyond that the cross term is the reservoir's, rescaled
-to the number of samples seen. Memory: ``max_samples * (in + out)`` floats per layer.
+Activation statistics (CTRE, G2G) are gathered by forward hooks in bounded memory (:class:`ActivationStats`), in
+one of two modes:
+
+* ``"window"`` (the Updater's default): the last ``max_samples`` rows of the layer's input and output activations
+  before the update, paired row by row, and every score is exact over them. The Updater records only in the last
+  steps before an update (when it knows the schedule), so the other steps pay nothing; the activations come from
+  nearly the weights being rewired, as the reference's end-of-epoch pass over the training set does.
+* ``"reservoir"``: running sums over *every* training sample seen since the last topology update (count, sum, sum
+  of squares per neuron), and a uniform reservoir sample (Vitter's algorithm R) of at most ``max_samples`` rows
+  for the cross term ``sum_b a_i(b) a_j(b)``, rescaled to the number of samples seen. Every step pays for it.
+
+When no more than ``max_samples`` samples were seen, both are exact over those samples. Memory: ``max_samples *
+(in + out)`` floats per layer.
 """
 from __future__ import annotations
 
@@ -59,27 +66,43 @@ def dense_grad_chunks(x: Tensor, dy: Tensor, chunk_elems: int = 1 << 20, block_s
 class ActivationStats:
     """Bounded-memory activation statistics of one layer (see the module docstring).
 
-    ``add(x, y)`` takes a batch of inputs ``(B, in)`` and output activations ``(B, out)``. ``generator`` drives
-    the reservoir's replacement choices (reproducible, saved in :meth:`state_dict`).
+    ``add(x, y)`` takes a batch of inputs ``(B, in)`` and output activations ``(B, out)``. ``mode`` is
+    ``"window"`` (the last ``max_samples`` rows) or ``"reservoir"``; ``generator`` drives the reservoir's
+    replacement choices (reproducible, saved in :meth:`state_dict`).
     """
 
-    def __init__(self, n_in: int, n_out: int, max_samples: int = 2048, generator: Optional[torch.Generator] = None):
+    MODES = ("window", "reservoir")
+
+    def __init__(self, n_in: int, n_out: int, max_samples: int = 2048, generator: Optional[torch.Generator] = None,
+                 mode: str = "reservoir"):
         if max_samples < 1:
             raise ValueError(f"max_samples must be >= 1, got {max_samples}")
+        if mode not in self.MODES:
+            raise ValueError(f"mode must be one of {self.MODES}, got {mode!r}")
         self.n_in, self.n_out, self.max_samples = int(n_in), int(n_out), int(max_samples)
-        self.generator = generator
+        self.generator, self.mode = generator, mode
         self.reset()
 
     def reset(self) -> None:
         self.n = 0  # samples seen
-        self.x: Optional[Tensor] = None  # reservoir (m, in) and (m, out)
+        self.pos = 0  # window: the ring buffer's next row
+        self.x: Optional[Tensor] = None  # rows (m, in) and (m, out): the reservoir, or the window's ring buffer
         self.y: Optional[Tensor] = None
-        self.sx = self.sxx = self.sy = self.syy = None  # float64 running sums (in,), (out,)
+        self.sx = self.sxx = self.sy = self.syy = None  # reservoir: float64 running sums (in,), (out,)
 
     @property
     def m(self) -> int:
-        """Rows held in the reservoir."""
+        """Rows held."""
         return min(self.n, self.max_samples)
+
+    def _allocate(self, x: Tensor, y: Tensor) -> None:
+        M = self.max_samples
+        self.x = torch.zeros(M, self.n_in, dtype=x.dtype, device=x.device)
+        self.y = torch.zeros(M, self.n_out, dtype=y.dtype, device=y.device)
+        if self.mode == "reservoir":
+            f64 = dict(dtype=torch.float64, device=x.device)
+            self.sx, self.sxx = torch.zeros(self.n_in, **f64), torch.zeros(self.n_in, **f64)
+            self.sy, self.syy = torch.zeros(self.n_out, **f64), torch.zeros(self.n_out, **f64)
 
     @torch.no_grad()
     def add(self, x: Tensor, y: Tensor) -> None:
@@ -89,12 +112,28 @@ class ActivationStats:
         if b == 0:
             return
         if self.x is None:
-            M = self.max_samples
-            self.x = torch.zeros(M, self.n_in, dtype=x.dtype, device=x.device)
-            self.y = torch.zeros(M, self.n_out, dtype=y.dtype, device=y.device)
-            f64 = dict(dtype=torch.float64, device=x.device)
-            self.sx, self.sxx = torch.zeros(self.n_in, **f64), torch.zeros(self.n_in, **f64)
-            self.sy, self.syy = torch.zeros(self.n_out, **f64), torch.zeros(self.n_out, **f64)
+            self._allocate(x, y)
+        if self.mode == "window":
+            self._add_window(x, y)
+        else:
+            self._add_reservoir(x, y)
+        self.n += b
+
+    def _add_window(self, x: Tensor, y: Tensor) -> None:
+        M = self.max_samples
+        if x.shape[0] > M:  # only the last M rows can stay
+            x, y = x[-M:], y[-M:]
+        b, p = x.shape[0], self.pos
+        first = min(b, M - p)  # rows up to the end of the ring, then the rest from its start
+        self.x[p:p + first] = x[:first]
+        self.y[p:p + first] = y[:first]
+        if first < b:
+            self.x[:b - first] = x[first:]
+            self.y[:b - first] = y[first:]
+        self.pos = (p + b) % M
+
+    def _add_reservoir(self, x: Tensor, y: Tensor) -> None:
+        b = x.shape[0]
         self.sx += x.sum(0, dtype=torch.float64)
         self.sxx += (x * x).sum(0, dtype=torch.float64)
         self.sy += y.sum(0, dtype=torch.float64)
@@ -115,14 +154,27 @@ class ActivationStats:
             wr = win.to(x.device)
             self.x[ws] = x[wr].to(self.x.dtype)
             self.y[ws] = y[wr].to(self.y.dtype)
-        self.n += b
+
+    def moments(self):
+        """``(n, sx, sxx, sy, syy, X, Y, scale)``: the number of samples the sums cover, the float64 sums and sums
+        of squares per input and output neuron, the rows ``X (m, in)``, ``Y (m, out)`` of the cross term, and
+        ``scale`` such that ``scale * Y^T X`` estimates the cross term over the ``n`` samples."""
+        m = self.m
+        X, Y = self.x[:m], self.y[:m]
+        if self.mode == "window":
+            f64 = torch.float64
+            return (m, X.sum(0, dtype=f64), (X * X).sum(0, dtype=f64), Y.sum(0, dtype=f64), (Y * Y).sum(0, dtype=f64),
+                    X, Y, 1.0)
+        return self.n, self.sx, self.sxx, self.sy, self.syy, X, Y, self.n / m
 
     def state_dict(self) -> dict:
-        return {"n": self.n, "x": self.x, "y": self.y, "sx": self.sx, "sxx": self.sxx, "sy": self.sy,
-                "syy": self.syy}
+        return {"mode": self.mode, "n": self.n, "pos": self.pos, "x": self.x, "y": self.y, "sx": self.sx,
+                "sxx": self.sxx, "sy": self.sy, "syy": self.syy}
 
     def load_state_dict(self, sd: dict) -> None:
-        self.n = int(sd["n"])
+        if sd.get("mode", "reservoir") != self.mode:
+            raise ValueError(f"statistics were gathered in mode {sd.get('mode')!r}, this layer's are {self.mode!r}")
+        self.n, self.pos = int(sd["n"]), int(sd.get("pos", 0))
         for k in ("x", "y", "sx", "sxx", "sy", "syy"):
             v = sd[k]
             setattr(self, k, None if v is None else v.clone())
@@ -133,29 +185,27 @@ def similarity_chunks(stats: ActivationStats, kind: str = "cosine", chunk_elems:
     """|similarity| between every output neuron j (rows) and input neuron i (columns), in chunks of output rows.
 
     kind ``"cosine"`` (CTRE): ``S_ij = sum_b a_j a_i / sqrt(sum_b a_j^2 sum_b a_i^2)``;
-    kind ``"pearson"`` (G2G): the cosine of the mean-centred activations. Sums over all samples seen come from the
-    running sums; the cross term from the reservoir, scaled by ``n / m``. A neuron with zero norm (variance) has
+    kind ``"pearson"`` (G2G): the cosine of the mean-centred activations. The sums and the cross term come from
+    :meth:`ActivationStats.moments` (exact over a window; running sums and a rescaled reservoir cross term in the
+    reservoir mode). A neuron with zero norm (variance) has
     similarity 0. Yields ``(row0, |S| chunk)`` (block scores and block rows for BSR), in ``dtype`` (default: the
     activations' dtype).
     """
     if kind not in ("cosine", "pearson"):
         raise ValueError(f"kind must be 'cosine' or 'pearson', got {kind!r}")
-    n, m = stats.n, stats.m
-    if n == 0:
+    if stats.n == 0:
         raise RuntimeError("no activation statistics yet: run training steps (in train mode) before an update")
-    dtype = stats.x.dtype if dtype is None else dtype
-    X = stats.x[:m].to(dtype)
-    Y = stats.y[:m].to(dtype)
+    n, sx, sxx, sy, syy, X, Y, scale = stats.moments()
+    dtype = X.dtype if dtype is None else dtype
+    X, Y = X.to(dtype), Y.to(dtype)
     if kind == "cosine":
-        nx = stats.sxx.sqrt()
-        ny = stats.syy.sqrt()
-        scale = n / m  # cross term of the reservoir, rescaled to all n samples
+        nx, ny = sxx.sqrt(), syy.sqrt()
         mx = my = None
     else:
-        mx, my = stats.sx / n, stats.sy / n
-        nx = (stats.sxx / n - mx * mx).clamp_min(0).sqrt()
-        ny = (stats.syy / n - my * my).clamp_min(0).sqrt()
-        scale = 1.0 / m
+        mx, my = sx / n, sy / n
+        nx = (sxx / n - mx * mx).clamp_min(0).sqrt()
+        ny = (syy / n - my * my).clamp_min(0).sqrt()
+        scale = scale / n  # the mean of the cross products
     inv_x = torch.where(nx > 0, 1.0 / nx, torch.zeros_like(nx)).to(dtype)
     inv_y = torch.where(ny > 0, 1.0 / ny, torch.zeros_like(ny)).to(dtype)
     n_out, n_in = stats.n_out, stats.n_in

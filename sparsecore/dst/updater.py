@@ -92,9 +92,9 @@ _DEFAULTS = {
     "set": dict(zeta=0.3, set_signed=False, init="normal", init_scale=0.1),
     "rigl": dict(alpha=None, delta_t=100, stop_fraction=0.75, init="zero"),
     "ctre": dict(zeta=0.2, variant="cte", patience=40, init="kaiming_uniform", activation="auto",
-                 max_samples=2048),
+                 max_samples=2048, stats="window"),
     "g2g": dict(zeta=0.3, within_ensembles=False, groups=None, ensemble_links=None, init="zero",
-                activation="auto", max_samples=2048),
+                activation="auto", max_samples=2048, stats="window"),
     "gmp": dict(target_density=None, start=0, end=None, end_fraction=0.75, delta_t=100, prune_input=True),
     "etsm": dict(target_density=None, start=0, end=None, end_fraction=0.75, delta_t=100, prune_input=False),
 }
@@ -147,6 +147,8 @@ class Updater:
             raise ValueError(f"zeta must be in [0, 1], got {self.zeta}")
         if method == "ctre" and opts["variant"] not in ("cte", "ctre_sim", "ctre_seq"):
             raise ValueError(f"variant must be 'cte', 'ctre_sim' or 'ctre_seq', got {opts['variant']!r}")
+        if method in ("ctre", "g2g") and opts["stats"] not in ActivationStats.MODES:
+            raise ValueError(f"stats must be one of {ActivationStats.MODES}, got {opts['stats']!r}")
 
         # ---- layers
         if layers is None:
@@ -209,12 +211,14 @@ class Updater:
         self._stats: List[Optional[ActivationStats]] = [None] * len(self.layers)
         self._res_gen = torch.Generator().manual_seed(E.derive_seed(self.seed, E.RESERVOIR))
         self._armed = False
+        self._window_steps: Optional[int] = None  # window statistics: steps that fill max_samples rows
         self._x: List[Optional[Tensor]] = [None] * len(self.layers)
         self._dy: List[Optional[Tensor]] = [None] * len(self.layers)
         if method in ("ctre", "g2g"):
             self._acts = self._activation_fns(opts["activation"])
             for i, l in enumerate(self.layers):
-                self._stats[i] = ActivationStats(l.in_features, l.out_features, opts["max_samples"], self._res_gen)
+                self._stats[i] = ActivationStats(l.in_features, l.out_features, opts["max_samples"], self._res_gen,
+                                                 mode=opts["stats"])
                 self._handles.append(l.register_forward_hook(self._stats_hook(i)))
         if method == "rigl":
             for i, l in enumerate(self.layers):
@@ -262,7 +266,8 @@ class Updater:
             self.phase = "random"
 
     def arm(self) -> None:
-        """RigL: keep the layer inputs and output gradients of the next forward/backward for :meth:`update`."""
+        """Record for a hand-called :meth:`update`: RigL keeps the layer inputs and output gradients of the next
+        forward/backward; CTRE/G2G window statistics record every training forward from now on."""
         self._armed = True
 
     def remove_hooks(self) -> None:
@@ -336,9 +341,35 @@ class Updater:
                 return
             if self.method == "ctre" and self.phase == "random":
                 return  # ctre_seq after the switch: no scores needed
+            st = self._stats[i]
+            if st.mode == "window":
+                if self._window_steps is None:  # the first batch tells how many steps fill the window
+                    self._window_steps = -(-st.max_samples // max(1, inputs[0].numel() // st.n_in))
+                if not self._window_open():
+                    return
             with torch.no_grad():
-                self._stats[i].add(inputs[0], self._acts[i](output.detach()))
+                st.add(inputs[0], self._acts[i](output.detach()))
         return hook
+
+    def _window_open(self) -> bool:
+        """Whether the coming step is one of the last ``_window_steps`` before a scheduled update (window
+        statistics need only those). True when the next update is not known in advance (epochs ended by
+        :meth:`epoch_end`) or after :meth:`arm`."""
+        if self._armed:
+            return True
+        t_next = self.t + 1  # the step whose forward pass is running
+        if self.per_epoch:
+            if not self.steps_per_epoch:
+                return True
+            spe = self.steps_per_epoch
+            due = -(-t_next // spe) * spe  # the step that ends this epoch
+            if self.total_epochs is not None and due // spe >= self.total_epochs:
+                return False  # no update after the last epoch
+        else:
+            due = -(-t_next // self.every) * self.every
+            if not self._scheduled(due):
+                return False
+        return due - t_next < self._window_steps
 
     def _capture_hook(self, i: int):
         def hook(module, inputs, output):
