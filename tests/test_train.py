@@ -307,3 +307,15 @@ def test_machine_info_names_the_kernels_instruction_set():
     assert info["kernel_isa"] == _C.kernel_isa() and info["kernel_isa"] in ("generic", "avx2", "avx512")
     assert info["avx2"] == (info["kernel_isa"] != "generic")
     assert info["torch_threads"] == torch.get_num_threads()
+
+
+def test_time_budget_stops_training_and_history_is_cumulative(threads1):
+    r = train(config("set", epochs=500, time_budget=0.6, epsilon=3.0))
+    assert r["stopped_by_time_budget"] and r["epochs_run"] < 500 and r["train_seconds_total"] >= 0.6
+    cum = [h["cumulative_train_seconds"] for h in r["history"]]
+    assert cum == sorted(cum) and cum[-1] == pytest.approx(r["train_seconds_total"])
+    assert all(not h["partial"] for h in r["history"][:-1])
+    assert len(r["epoch_seconds"]) == sum(not h["partial"] for h in r["history"])
+    assert r["test_accuracy"] is not None
+    with pytest.raises(TrainError, match="time_budget"):
+        train(config("set", time_budget=-1))

@@ -121,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", default=None, metavar="OUT", help="write the report here")
     p.add_argument("--checkpoint", default=None, metavar="DIR", help="write DIR/checkpoint.pt after every epoch")
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (needs --checkpoint)")
+    p.add_argument("--time-budget", type=_float_range(0.0, lo_open=True), default=None, metavar="SECONDS",
+                   help="stop once this many training seconds (steps + topology updates) are spent, at most --epochs")
     p.add_argument("--eval-batch-size", type=_int_at_least(1), default=1000, help=argparse.SUPPRESS)
     p.add_argument("--stop-after-epoch", type=_int_at_least(1), default=None, help=argparse.SUPPRESS)
     return p
@@ -143,7 +145,8 @@ def common_config(a: argparse.Namespace) -> dict:
 
 def config_from_args(a: argparse.Namespace, **overrides) -> TrainConfig:
     kw = dict(common_config(a), method=a.method, quiet=a.quiet)
-    for k in ("epsilon", "density", "json", "checkpoint", "resume", "eval_batch_size", "stop_after_epoch"):
+    for k in ("epsilon", "density", "json", "checkpoint", "resume", "eval_batch_size", "stop_after_epoch",
+              "time_budget"):
         if hasattr(a, k):
             kw[k] = getattr(a, k)
     if hasattr(a, "opt"):

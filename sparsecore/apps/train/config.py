@@ -43,11 +43,13 @@ class TrainConfig:
     resume: bool = False
     quiet: bool = False
     eval_batch_size: int = 1000
+    time_budget: Optional[float] = None      # stop once this many training seconds (steps + updates) are spent
     stop_after_epoch: Optional[int] = None   # testing: SIGKILL itself right after this epoch's checkpoint
 
     # the settings that shape the result: a checkpoint must match them to be resumed
     _RESULT_FIELDS = ("method", "dataset", "epochs", "hidden", "batch_size", "lr", "momentum", "nesterov",
-                      "weight_decay", "seed", "val_fraction", "epsilon", "density", "model_options", "dst_options")
+                      "weight_decay", "seed", "val_fraction", "epsilon", "density", "model_options", "dst_options",
+                      "time_budget")
 
     def fingerprint(self) -> Dict[str, Any]:
         return json.loads(json.dumps({k: jsonable(getattr(self, k)) for k in self._RESULT_FIELDS}))
@@ -105,4 +107,7 @@ def check_config(c: TrainConfig) -> TrainConfig:
         raise TrainError(f"data folder {c.data_dir!r} does not exist or is not a folder")
     if c.stop_after_epoch is not None:
         posint("stop_after_epoch", c.stop_after_epoch)
+    if c.time_budget is not None and (isinstance(c.time_budget, bool) or not isinstance(c.time_budget, (int, float))
+                                      or not math.isfinite(c.time_budget) or c.time_budget <= 0):
+        raise TrainError(f"time_budget must be a positive number of seconds, got {c.time_budget!r}")
     return c

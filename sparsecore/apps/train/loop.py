@@ -183,9 +183,14 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
                   f"{stats0['density']:.4g}), {torch.get_num_threads()} threads")
 
     model.train()
+    state.setdefault("train_seconds_total", sum(state["epoch_seconds"]))
+    budget = c.time_budget
+    stopped = False
     for epoch in range(state["epoch"], c.epochs):
+        if stopped:
+            break
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
+        loss_sum, correct, seen, steps = 0.0, 0, 0, 0
         for i, (xb, yb) in enumerate(loader):
             optimizer.zero_grad(set_to_none=True)
             out = model(xb)
@@ -200,7 +205,11 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
             loss_sum += lv * yb.shape[0]
             correct += int((out.detach().argmax(1) == yb).sum())
             seen += yb.shape[0]
+            steps = i + 1
             progress.update(epoch + 1, c.epochs, i + 1, steps_per_epoch, loss_sum / seen)
+            if budget is not None and state["train_seconds_total"] + time.perf_counter() - t0 >= budget:
+                stopped = True  # the time is spent: evaluate the model as it is now, and stop
+                break
         train_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
@@ -215,19 +224,23 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
             state["best_val"], state["best_epoch"], state["test_at_best"] = val_acc, epoch + 1, test_acc
 
         t2 = time.perf_counter()
-        if updater is not None:        # the updater skips the rewiring after the last epoch itself
+        if updater is not None and not stopped:  # the updater skips the rewiring after the last epoch itself
             if val_acc is not None:
                 updater.report_validation(val_acc)
             updater.epoch_end()
         dst_s = time.perf_counter() - t2
 
         state["epoch"] = epoch + 1
-        state["epoch_seconds"].append(train_s + dst_s)
+        if steps == steps_per_epoch:  # per-epoch times are of whole epochs; a budget's last partial one is not
+            state["epoch_seconds"].append(train_s + dst_s)
         state["eval_seconds"].append(eval_s)
+        state["train_seconds_total"] += train_s + dst_s
         state["history"].append({"epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1),
                                  "train_accuracy": correct / max(seen, 1), "val_accuracy": val_acc,
                                  "test_accuracy": test_acc, "nnz": nnz_now, "train_seconds": train_s,
-                                 "topology_seconds": dst_s, "eval_seconds": eval_s})
+                                 "topology_seconds": dst_s, "eval_seconds": eval_s,
+                                 "cumulative_train_seconds": state["train_seconds_total"], "steps": steps,
+                                 "partial": steps < steps_per_epoch})
         vtxt = "-" if val_acc is None else f"{val_acc:.4f}"
         progress.line(f"epoch {epoch + 1}/{c.epochs}  loss {loss_sum / max(seen, 1):.4f}  train "
                       f"{correct / max(seen, 1):.4f}  val {vtxt}  test {test_acc:.4f}  nnz {nnz_now}  "
@@ -258,11 +271,17 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
         "final_test_accuracy": hist[-1]["test_accuracy"] if hist else None,
         "final_val_accuracy": hist[-1]["val_accuracy"] if hist else None,
         "epochs": c.epochs,
+        "epochs_run": len(hist),
+        "time_budget": c.time_budget,
+        "stopped_by_time_budget": bool(hist and hist[-1]["partial"]) or (c.time_budget is not None and
+                                                                        len(hist) < c.epochs),
+        "train_seconds_total": state["train_seconds_total"],
         "epoch_seconds": state["epoch_seconds"],
         "mean_epoch_seconds": (sum(state["epoch_seconds"]) / len(state["epoch_seconds"])
                                if state["epoch_seconds"] else None),
         "eval_seconds": state["eval_seconds"],
-        "epoch_seconds_note": "training steps + topology update per epoch; evaluation and checkpoints excluded",
+        "epoch_seconds_note": "training steps + topology update per whole epoch; evaluation and checkpoints excluded; "
+                              "history[].cumulative_train_seconds is the running total of the same time",
         "nnz": stats["nnz"],
         "nnz_initial": nnz_initial,
         "dense_params": stats["dense_params"],
