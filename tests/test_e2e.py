@@ -32,7 +32,7 @@ def test_e2e_cli_tiny(tmp_path, capsys, threads1):
     names = [r["method"] for r in res["table"]]
     assert names == methods.split(",") + ["dense"]
     dense = res["table"][-1]
-    assert dense["density"] == 1.0 and dense["time_ratio_to_dense"] == pytest.approx(1.0)
+    assert dense["density"] == 1.0 and dense["speedup_vs_dense"] == pytest.approx(1.0)
     for r in res["table"]:
         assert 0 <= r["test_accuracy"] <= 1 and r["median_epoch_seconds"] > 0 and r["state_memory_mb"] > 0
         assert r["nnz"] <= r["dense_params"]
@@ -56,14 +56,34 @@ def test_run_api_adds_dense_and_same_settings(tmp_path, threads1):
 
 def test_format_table_columns():
     rows = [{"method": "set", "density": 0.05, "nnz": 1234, "test_accuracy": 0.8, "median_epoch_seconds": 0.5,
-             "time_ratio_to_dense": 0.25, "peak_memory_delta_mb": 3.0, "state_memory_mb": 0.1},
+             "speedup_vs_dense": 4.0, "peak_memory_delta_mb": 3.0, "state_memory_mb": 0.1, "epochs_run": 12,
+             "train_seconds_total": 6.0, "accuracy_minus_dense": 0.01},
             {"method": "dense", "density": 1.0, "nnz": 99999, "test_accuracy": None, "median_epoch_seconds": 2.0,
-             "time_ratio_to_dense": 1.0, "peak_memory_delta_mb": None, "state_memory_mb": 1.5}]
+             "speedup_vs_dense": 1.0, "peak_memory_delta_mb": None, "state_memory_mb": 1.5, "epochs_run": 3,
+             "train_seconds_total": 6.0, "accuracy_minus_dense": None}]
     t = format_table(rows).splitlines()
-    assert t[0].split() == ["method", "density", "nnz", "test", "acc", "s/epoch", "vs", "dense", "peak", "MB",
+    assert t[0].split() == ["method", "density", "nnz", "test", "acc", "s/epoch", "speed-up", "peak", "MB",
                             "state", "MB"]
-    assert t[2].split() == ["set", "0.0500", "1,234", "0.8000", "0.500", "0.25x", "3.0", "0.10"]
+    assert t[2].split() == ["set", "0.0500", "1,234", "0.8000", "0.500", "4.00x", "3.0", "0.10"]
     assert t[3].split()[3] == "-" and t[3].split()[6] == "-"
+    e = format_table(rows, equal_time=True).splitlines()
+    assert e[0].split() == ["method", "density", "epochs", "train", "s", "test", "acc", "vs", "dense", "speed-up"]
+    assert e[2].split() == ["set", "0.0500", "12", "6.0", "0.8000", "+0.0100", "4.00x"]
+
+
+def test_equal_time_gives_every_method_the_dense_time(tmp_path, threads1):
+    res = run(["static", "set"], out=str(tmp_path), plot_png=False, quiet=True, equal_time=True, epochs=2,
+              hidden=(32,), batch_size=200, threads=1, epsilon=None)
+    budget = res["equal_time"]["budget_seconds"]
+    dense = res["runs"]["dense"]
+    assert budget == pytest.approx(dense["train_seconds_total"]) and dense["epochs_run"] == 2
+    for m in ("static", "set"):
+        r = res["runs"][m]
+        assert r["args"]["time_budget"] == pytest.approx(budget)
+        assert r["epochs_run"] >= 1 and r["train_seconds_total"] >= min(budget, sum(r["epoch_seconds"]))
+    row = {r["method"]: r for r in res["table"]}["set"]
+    assert row["time_to_accuracy"] and row["time_to_accuracy"][-1][0] == pytest.approx(
+        res["runs"]["set"]["train_seconds_total"])
 
 
 @pytest.mark.parametrize("args,match", [

@@ -1,36 +1,42 @@
-"""``sparsecore bench e2e``: train every method's MLP and the dense MLP of the same widths on the same data, for the
-same epochs, and compare accuracy, time per epoch and memory.
+"""``sparsecore bench e2e``: train every method's MLP and the dense MLP of the same widths on the same data, and
+compare accuracy, training speed and memory, at equal epochs or at equal training time.
 
-    sparsecore bench e2e                                   # builtin data, all methods, about a minute on 2 cores
-    sparsecore bench e2e --dataset fashion-mnist --data-dir shared/data --epochs 20 --out results/e2e
+    sparsecore bench e2e                                   # builtin data, all methods, a few minutes on 2 cores
+    sparsecore bench e2e --dataset fashion-mnist --data-dir shared/data --epochs 10 --out results/e2e
+    sparsecore bench e2e ... --equal-time                  # every method gets the dense MLP's training time
 
-Every method is trained in this process, one after the other, through :func:`sparsecore.apps.train.train` with the same
-split, seed, batch size, optimizer and epochs (its report is kept whole in ``results.json``). A short warm-up run
+Every method is trained in this process, one after the other, through :func:`sparsecore.apps.train.train` with the
+same split, seed, batch size and optimizer (its report is kept whole in ``results.json``). A short warm-up run
 first pays the one-time costs (lazy initialisation of torch and the kernels) so they do not land on the first
 method. Per method the table shows:
 
 * ``density`` / ``nnz``: live weights after training over the weights of the dense MLP (biases not counted);
 * ``test acc``: test accuracy at the epoch of best validation accuracy;
-* ``s/epoch``: the *median* over epochs of the training time of an epoch (steps plus topology updates, without
-  evaluation), and ``vs dense``: that time over the dense MLP's (below 1 = faster than dense; ``speed-up`` in the
-  JSON is the inverse);
+* ``s/epoch``: the *median* over whole epochs of the training time of an epoch (steps plus topology updates,
+  without evaluation), and ``speed-up``: the dense MLP's s/epoch over the method's (higher is faster; the one
+  convention of every sparsecore table, JSON and plot);
 * ``peak MB``: peak resident memory while the method trained minus the resident memory when it started (Linux
   ``VmHWM``, reset before each run; see :mod:`sparsecore.apps.train`), and ``state MB``: exact tensor bytes of
   parameters, gradients, optimizer state and topology buffers.
 
+Equal time (``--time-budget SECONDS``, or ``--equal-time`` for the dense run's own training time): dense trains its
+``--epochs``; every other method first times one epoch (a probe run, not counted), gets as many epochs as fit the
+budget (so its schedules, e.g. RigL's and ETSM's, are planned for the run it gets, at most ``--max-epochs``), and
+stops when the budget is spent. The table then shows each method's epochs and accuracy within that time.
+
 Defaults: builtin data, widths 1000-1000-1000, 5 epochs, lr 0.05 (``sparsecore train`` keeps CTRE's 0.01, meant for
 hundreds of epochs), one thread. One thread because on a shared 2-core machine multi-threaded (OpenMP) timings of
-these small steps swung by 5 to 60 times whenever another process was running (measured for dense ``nn.Linear``
-and the sparse kernels alike), while single-thread timings stayed within a few percent; ``--threads N`` uses more.
-Timings of one run on a shared machine are noisy; the ratios are taken in one run, in one process, with the
-machine and thread count recorded. ``--repeat`` is not offered: rerun and compare. ``results.json`` and
-``e2e.png`` (accuracy and speed-up against density; needs matplotlib, skipped with a note otherwise) go to
-``--out`` (default ``e2e-results``).
+these small steps swung by 5 to 60 times whenever another process was running, while single-thread timings
+stayed within a few percent; ``--threads N`` uses more. Timings of one run on a shared machine are noisy; the
+ratios are taken in one run, in one process, with the machine and thread count recorded. ``results.json`` and
+``e2e.png`` (accuracy and speed-up against density, and test accuracy against training time; needs matplotlib,
+skipped with a note otherwise) go to ``--out`` (default ``e2e-results``).
 """
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -95,7 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an extra row: METHOD trained with options, shown as LABEL (repeatable). epsilon= and "
                         "density= set the densities, dst.KEY= an updater option, any other KEY= a model option; "
                         "e.g. ctre-eps1:ctre:epsilon=1 or g2g-90:g2g:groups=8;inner_density=0.8")
-    p.add_argument("--epochs", type=lambda s: _positive(s, "epochs"), default=DEFAULT_EPOCHS, help="epochs per method")
+    p.add_argument("--epochs", type=lambda s: _positive(s, "epochs"), default=DEFAULT_EPOCHS,
+                   help="epochs per method (equal time: the dense MLP's epochs)")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--time-budget", type=float, default=None, metavar="SECONDS",
+                   help="equal time: every method trains for this many seconds")
+    g.add_argument("--equal-time", action="store_true", help="equal time: every method gets the dense run's time")
+    p.add_argument("--max-epochs", type=lambda s: _positive(s, "max-epochs"), default=1000,
+                   help="equal time: the most epochs a method is planned for")
     p.add_argument("--out", default="e2e-results", help="folder for results.json and e2e.png")
     add_common_arguments(p)
     p.add_argument("--no-plot", action="store_true", help="do not draw e2e.png")
@@ -120,12 +133,13 @@ def _summary(rep: Dict[str, Any], dense: Optional[Dict[str, Any]]) -> Dict[str, 
         "method": rep["method"], "density": rep["density"], "nnz": rep["nnz"], "nnz_initial": rep["nnz_initial"],
         "dense_params": rep["dense_params"], "test_accuracy": rep["test_accuracy"], "best_epoch": rep["best_epoch"],
         "final_test_accuracy": rep["final_test_accuracy"], "median_epoch_seconds": med,
-        "mean_epoch_seconds": rep["mean_epoch_seconds"], "peak_memory_mb": rep["peak_memory_mb"],
+        "mean_epoch_seconds": rep["mean_epoch_seconds"], "epochs_run": rep["epochs_run"],
+        "train_seconds_total": rep["train_seconds_total"], "peak_memory_mb": rep["peak_memory_mb"],
         "peak_memory_delta_mb": rep["peak_memory_delta_mb"], "state_memory_mb": rep["state_memory_mb"],
+        "time_to_accuracy": [(h["cumulative_train_seconds"], h["test_accuracy"]) for h in rep["history"]],
     }
     if dense is not None:
-        dmed = statistics.median(dense["epoch_seconds"])
-        row["time_ratio_to_dense"] = med / dmed if dmed > 0 else None
+        dmed = statistics.median(dense["epoch_seconds"]) if dense["epoch_seconds"] else float("nan")
         row["speedup_vs_dense"] = dmed / med if med > 0 else None
         row["accuracy_minus_dense"] = (rep["test_accuracy"] - dense["test_accuracy"]
                                        if rep["test_accuracy"] is not None and dense["test_accuracy"] is not None
@@ -133,34 +147,45 @@ def _summary(rep: Dict[str, Any], dense: Optional[Dict[str, Any]]) -> Dict[str, 
     return row
 
 
-def format_table(rows: Sequence[Dict[str, Any]]) -> str:
-    """The comparison table as fixed-width text."""
-    head = ("method", "density", "nnz", "test acc", "s/epoch", "vs dense", "peak MB", "state MB")
-    lines = []
-    for r in rows:
-        ratio = r.get("time_ratio_to_dense")
-        delta = r.get("peak_memory_delta_mb")
-        acc = r["test_accuracy"]
-        lines.append((r["method"], f"{r['density']:.4f}", f"{r['nnz']:,}", "-" if acc is None else f"{acc:.4f}",
-                      f"{r['median_epoch_seconds']:.3f}", "-" if ratio is None else f"{ratio:.2f}x",
-                      "-" if delta is None else f"{delta:.1f}", f"{r['state_memory_mb']:.2f}"))
+def _table(head: Sequence[str], lines: Sequence[Sequence[str]]) -> str:
     widths = [max(len(h), *(len(x[i]) for x in lines)) for i, h in enumerate(head)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), "  ".join("-" * w for w in widths)]
-    out += [fmt(x) for x in lines]
-    return "\n".join(out)
+    return "\n".join([fmt(head), "  ".join("-" * w for w in widths)] + [fmt(x) for x in lines])
+
+
+def _num(v, f: str) -> str:
+    return "-" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, f)
+
+
+def format_table(rows: Sequence[Dict[str, Any]], equal_time: bool = False) -> str:
+    """The comparison table as fixed-width text (speed-up = dense s/epoch / the method's, higher is faster).
+    With ``equal_time``: the epochs each method ran and its accuracy within the budget."""
+    if equal_time:
+        head = ("method", "density", "epochs", "train s", "test acc", "vs dense", "speed-up")
+        lines = [(r["method"], f"{r['density']:.4f}", str(r["epochs_run"]), f"{r['train_seconds_total']:.1f}",
+                  _num(r["test_accuracy"], ".4f"), _num(r.get("accuracy_minus_dense"), "+.4f"),
+                  _num(r.get("speedup_vs_dense"), ".2f") + ("x" if r.get("speedup_vs_dense") else ""))
+                 for r in rows]
+        return _table(head, lines)
+    head = ("method", "density", "nnz", "test acc", "s/epoch", "speed-up", "peak MB", "state MB")
+    lines = [(r["method"], f"{r['density']:.4f}", f"{r['nnz']:,}", _num(r["test_accuracy"], ".4f"),
+              f"{r['median_epoch_seconds']:.3f}",
+              _num(r.get("speedup_vs_dense"), ".2f") + ("x" if r.get("speedup_vs_dense") else ""),
+              _num(r.get("peak_memory_delta_mb"), ".1f"), f"{r['state_memory_mb']:.2f}") for r in rows]
+    return _table(head, lines)
 
 
 def plot(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optional[str]:
-    """Accuracy and speed-up against density, one point per method, to ``path`` (PNG). Returns a note instead of
-    drawing when matplotlib is missing."""
+    """Accuracy and speed-up against density (one point per method), and test accuracy against cumulative
+    training time (one curve per method), to ``path`` (PNG). Returns a note instead of drawing when matplotlib
+    is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
         return "matplotlib is not installed: no plot (pip install matplotlib)"
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for k, r in enumerate(rows):
         d = max(r["density"], 1e-6)
         off = (4, 4 if k % 2 == 0 else -11)     # alternate label sides: methods of equal density overlap less
@@ -172,11 +197,18 @@ def plot(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optiona
         if sp is not None:
             axes[1].scatter(d, sp, color=color)
             axes[1].annotate(r["method"], (d, sp), textcoords="offset points", xytext=off)
+        pts = [(t, a) for t, a in r.get("time_to_accuracy", ()) if a is not None]
+        if pts:
+            axes[2].plot([0.0] + [t for t, _ in pts], [None] + [a for _, a in pts], marker=".", color=color,
+                         label=r["method"], ls="--" if r["method"] == "dense" else "-")
     axes[0].set(xscale="log", xlabel="density (live weights / dense)", ylabel="test accuracy",
                 title="accuracy vs density")
-    axes[1].set(xscale="log", xlabel="density (live weights / dense)", ylabel="speed-up vs dense (time/epoch)",
-                title="training speed-up vs density")
+    axes[1].set(xscale="log", xlabel="density (live weights / dense)",
+                ylabel="speed-up vs dense (dense s/epoch / method's)", title="training speed-up vs density")
     axes[1].axhline(1.0, color="grey", lw=0.8, ls="--")
+    axes[2].set(xlabel="training seconds (steps + topology updates)", ylabel="test accuracy",
+                title="test accuracy vs training time")
+    axes[2].legend(fontsize=8)
     for ax in axes:
         ax.grid(True, which="both", alpha=0.3)
     if title:
@@ -190,15 +222,29 @@ def plot(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optiona
 def _warm_up(base: Dict[str, Any]) -> None:
     """Pay one-time costs (lazy torch / kernel initialisation) before anything is measured."""
     cfg = dict(base, method="tsm", epochs=1, hidden=(32,), json=None, checkpoint=None, resume=False, quiet=True,
-               model_options={}, dst_options={})
+               model_options={}, dst_options={}, time_budget=None)
     train(TrainConfig(**cfg))
 
 
+HOW_TO_READ = """How to read the table: every method trains the same MLP widths on the same data, seed and optimizer as the
+dense MLP. density = live weights / the dense MLP's; speed-up = dense s/epoch / the method's (higher is faster);
+test acc is taken at the epoch of best validation accuracy. On a few epochs of the built-in set (16x16 shapes, 10
+classes, chance 0.10) every method learns; the sparsest ones (ctre at epsilon 1, about 0.3% of the weights) learn
+slowest per epoch but cost the least per epoch. On two shared cores, timings move by 10-20% from run to run: read
+ratios, not seconds."""
+
+
 def run(methods: Sequence[str], *, out: Optional[str] = "e2e-results", plot_png: bool = True, quiet: bool = False,
-        runs: Sequence[Dict[str, Any]] = (), **train_kw) -> Dict[str, Any]:
+        runs: Sequence[Dict[str, Any]] = (), time_budget: Optional[float] = None, equal_time: bool = False,
+        max_epochs: int = 1000, **train_kw) -> Dict[str, Any]:
     """Train ``methods`` (dense added and run first) and the labelled variants ``runs`` (see ``--run``) with the same
     settings (:class:`TrainConfig` fields in ``train_kw``); returns the results dict written to
-    ``out/results.json``."""
+    ``out/results.json``. ``time_budget`` (seconds) or ``equal_time`` (the dense run's training time) gives every
+    method the same training time instead of the same epochs (see the module docstring)."""
+    if time_budget is not None and equal_time:
+        raise TrainError("give either time_budget or equal_time, not both")
+    if time_budget is not None and not (math.isfinite(time_budget) and time_budget > 0):
+        raise TrainError(f"time budget must be a positive number of seconds, got {time_budget}")
     methods = list(methods)
     if "dense" not in methods:
         methods.append("dense")
@@ -211,25 +257,48 @@ def run(methods: Sequence[str], *, out: Optional[str] = "e2e-results", plot_png:
     order = ["dense"] + [m for m in methods if m != "dense"]
     base = dict(train_kw, quiet=True, json=None, checkpoint=None, resume=False)
     say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    timed = time_budget is not None or equal_time
     t_start = time.perf_counter()
+    if equal_time:
+        length = "each for the dense run's training time"
+    elif timed:
+        length = f"each for {time_budget:g} s of training"
+    else:
+        length = f"{base.get('epochs', DEFAULT_EPOCHS)} epochs each"
+    say(f"training {len(order)} models one after the other ({', '.join(order)}), {length}; a line per model as it "
+        f"finishes")
     _warm_up(base)
     reports: Dict[str, Dict[str, Any]] = {}
+    budget = time_budget
     for m in order:
         t0 = time.perf_counter()
         cfg = dict(base, method=m)
         cfg.update({k: v for k, v in variants[m].items() if v is not None})
+        if timed and m != "dense":
+            probe = train(TrainConfig(**dict(cfg, epochs=1, time_budget=None)))
+            per_epoch = probe["epoch_seconds"][0] if probe["epoch_seconds"] else probe["train_seconds_total"]
+            cfg["epochs"] = max(1, min(max_epochs, int(budget // per_epoch) if per_epoch > 0 else max_epochs))
+            cfg["time_budget"] = budget
+        elif timed and time_budget is not None:
+            cfg["time_budget"] = budget
         rep = train(TrainConfig(**cfg))
+        if m == "dense" and equal_time:
+            budget = rep["train_seconds_total"]
         rep["method"] = m  # the row's label
         reports[m] = rep
         acc = rep["test_accuracy"]
+        secs = rep["epoch_seconds"]
         say(f"  {m:<7} test acc {'-' if acc is None else f'{acc:.4f}'}  density {rep['density']:.4f}  "
-            f"{statistics.median(rep['epoch_seconds']):.3f} s/epoch  ({time.perf_counter() - t0:.1f} s in all)")
+            f"{rep['epochs_run']} epochs, {statistics.median(secs) if secs else float('nan'):.3f} s/epoch  "
+            f"({time.perf_counter() - t0:.1f} s in all)")
     rows = [_summary(reports[m], reports["dense"]) for m in methods]
     first = reports[order[0]]
     results = {
         "benchmark": "sparsecore bench e2e",
         "settings": {k: v for k, v in first["args"].items()
                      if k not in ("method", "json", "checkpoint", "resume", "quiet", "stop_after_epoch")},
+        "equal_time": {"budget_seconds": budget, "from": "dense run" if equal_time else "--time-budget",
+                       "max_epochs": max_epochs} if timed else None,
         "methods": methods,
         "split": first["split"],
         "machine": machine_info(),
@@ -237,28 +306,31 @@ def run(methods: Sequence[str], *, out: Optional[str] = "e2e-results", plot_png:
         "columns": {
             "density": "live weights after training / weights of the dense MLP (biases not counted)",
             "test_accuracy": "at the epoch of best validation accuracy",
-            "median_epoch_seconds": "median over epochs of (training steps + topology update) time",
-            "time_ratio_to_dense": "median_epoch_seconds / dense's (< 1: faster than dense)",
+            "median_epoch_seconds": "median over whole epochs of (training steps + topology update) time",
+            "speedup_vs_dense": "dense median_epoch_seconds / the method's (higher is faster)",
+            "time_to_accuracy": "(cumulative training seconds, test accuracy) after every epoch",
             "peak_memory_delta_mb": "peak RSS during the method's run minus RSS at its start (VmHWM reset per run)",
             "state_memory_mb": "tensor bytes of parameters, gradients, optimizer state and buffers",
         },
         "total_seconds": time.perf_counter() - t_start,
         "runs": reports,
     }
-    table = format_table(rows)
+    table = format_table(rows, equal_time=timed)
     mi = results["machine"]
     say(f"\n{first['dataset']}: {first['split']['n_train']}/{first['split']['n_val']}/{first['split']['n_test']} "
         f"train/val/test, widths {first['layers'][0]['in']}-{'-'.join(str(l['out']) for l in first['layers'])}, "
-        f"{first['epochs']} epochs, batch {first['args']['batch_size']}; {mi['cpu']}, {mi['torch_threads']} threads, "
-        f"torch {mi['torch']}")
+        + (f"{budget:.1f} s of training each" if timed else f"{first['epochs']} epochs")
+        + f", batch {first['args']['batch_size']}; {mi['cpu']}, {mi['torch_threads']} threads, torch {mi['torch']}")
     say(table)
+    if first["dataset"] == "builtin" and not quiet:
+        say("\n" + HOW_TO_READ)
     if out is not None:
         out_dir = Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)
         note = None
         if plot_png:
-            title = f"{first['dataset']}, widths {'-'.join(str(l['out']) for l in first['layers'][:-1])}, " \
-                    f"{first['epochs']} epochs"
+            title = f"{first['dataset']}, widths {'-'.join(str(l['out']) for l in first['layers'][:-1])}, " + \
+                    (f"{budget:.0f} s each" if timed else f"{first['epochs']} epochs")
             note = plot(rows, out_dir / "e2e.png", title)
             results["plot"] = None if note else str(out_dir / "e2e.png")
             if note:
@@ -275,7 +347,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     check_common_arguments(p, a)
     try:
-        run(a.methods, out=a.out, plot_png=not a.no_plot, quiet=a.quiet, runs=a.run, **common_config(a))
+        run(a.methods, out=a.out, plot_png=not a.no_plot, quiet=a.quiet, runs=a.run, time_budget=a.time_budget,
+            equal_time=a.equal_time, max_epochs=a.max_epochs, **common_config(a))
     except TrainError as e:
         print(f"sparsecore bench e2e: error: {e}", file=sys.stderr)
         return 2
