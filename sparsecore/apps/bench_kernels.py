@@ -204,9 +204,15 @@ def main(argv: Optional[List[str]] = None) -> int:
           flush=True)
     results = []
     for d in densities:
+        t0 = time.perf_counter()
+        print(f"  density {d:g}: timing {len(include)} implementations ...", end="", flush=True)
         r = bench_density(args.out_features, args.in_features, args.batch, d, dtype, args.repeat, args.warmup,
                           args.seed, include, args.block)
         results.append({"density": d, "impls": r})
+        base, ours = r.get("dense", {}).get("median_ms"), r.get("sparsecore", {}).get("median_ms")
+        print(f" {time.perf_counter() - t0:.0f} s" + (f", sparsecore {base / ours:.2f}x dense" if base and ours
+                                                        else ""), flush=True)
+    print()
     names = [n for n in ALL if any(n in r["impls"] for r in results)]
     print(format_table(results, names))
     if "sparseprop" in include and "sparseprop" not in names:
