@@ -304,7 +304,10 @@ def test_normalisation_uses_training_statistics_only(tmp_path):
     feat = load_dataset("builtin", normalize="feature")  # a border pixel may be constant: no NaN anywhere
     assert all(torch.isfinite(t).all() for t in (feat.x_train, feat.x_val, feat.x_test))
     with pytest.raises(ValueError, match="normalize"):
-        load_dataset("builtin", normalize="minmax")
+        load_dataset("builtin", normalize="zscore")
+    mm = load_dataset("builtin", normalize="minmax")  # per feature to [0, 1] on the training part
+    assert mm.x_train.min() == 0.0 and mm.x_train.max() == 1.0 and mm.split_info["normalization"]["kind"] == "minmax"
+    assert torch.equal(mm.x_train.amax(0) == 1.0, rawi.x_train.amax(0) > rawi.x_train.amin(0))  # constant: 0
 
 
 def test_constant_features_global_and_all_constant(tmp_path):

@@ -51,6 +51,8 @@ Images (IDX and built-in) are first scaled to ``[0, 1]`` (pixel / 255). Then ``n
   pixels, and a blank border stays constant rather than being blown up to unit variance);
 * ``"feature"``: per-feature mean and standard deviation; a constant feature (std below
   ``1e-7 * (1 + |mean|)``) gets std 1, so it becomes exactly 0, never NaN;
+* ``"minmax"``: per feature to ``[0, 1]`` by the training part's minimum and maximum (a constant feature becomes 0;
+  validation and test values may fall outside ``[0, 1]``), CTRE's reference scaling;
 * ``"none"``: leave the values as they are (images still in ``[0, 1]``).
 
 The statistics are fitted on the *training part only* (after the validation hold-out) and applied unchanged

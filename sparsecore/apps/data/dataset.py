@@ -140,6 +140,13 @@ def _fit_normalization(x_train: torch.Tensor, kind: str) -> Tuple[torch.Tensor, 
     if kind == "none" or x_train.shape[0] == 0:
         info = {"kind": "none" if kind == "none" else f"{kind} (no training samples: none)"}
         return torch.zeros(f, dtype=torch.float32), torch.ones(f, dtype=torch.float32), info
+    if kind == "minmax":  # per feature to [0, 1] on the training part (CTRE's reference scaling)
+        lo, hi = x_train.min(dim=0).values.double(), x_train.max(dim=0).values.double()
+        span = hi - lo
+        const = ~(span > 1e-7 * (1.0 + lo.abs()))
+        span = torch.where(const, torch.ones_like(span), span)
+        info = {"kind": "minmax", "fitted_on": "train", "n_constant_features": int(const.sum())}
+        return lo.to(torch.float32).contiguous(), span.to(torch.float32).contiguous(), info
     mean, std = _moments(x_train, per_feature=(kind == "feature"))
     const = ~(std > 1e-7 * (1.0 + mean.abs()))  # also catches NaN
     std = torch.where(const, torch.ones_like(std), std)

@@ -13,7 +13,7 @@ from .mat import load_mat
 
 __all__ = ["load_dataset"]
 
-_NORMALIZE = ("auto", "global", "feature", "none")
+_NORMALIZE = ("auto", "global", "feature", "minmax", "none")
 
 
 def load_dataset(name: Union[str, PathLike], data_dir: Optional[PathLike] = None, *, val_fraction: float = 0.1,
@@ -31,7 +31,7 @@ def load_dataset(name: Union[str, PathLike], data_dir: Optional[PathLike] = None
             empty validation tensors.
         seed: seed of every split.
         test_fraction: for ``.mat`` and CSV (no fixed split): fraction of all samples used as the test set.
-        normalize: ``"auto"`` (images: ``"global"``, tabular: ``"feature"``), ``"global"``, ``"feature"``,
+        normalize: ``"auto"`` (images: ``"global"``, tabular: ``"feature"``), ``"global"``, ``"feature"``, ``"minmax"``,
             ``"none"``; ``True``/``False`` mean ``"auto"``/``"none"``. Fitted on the training part only.
         input_shape: for ``.mat``/CSV, the layout of the features (e.g. ``(32, 32, 1)`` for COIL20), used by
             the topographic input layer; default ``(n_features,)``.

@@ -96,6 +96,8 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the split, model and data order")
     p.add_argument("--val-fraction", type=_float_range(0.0, 0.99), default=0.1,
                    help="fraction of the training set held out for validation")
+    p.add_argument("--normalize", choices=("auto", "global", "feature", "minmax", "none"), default="auto",
+                   help="input scaling fitted on the training part (auto: global for images, feature for tables)")
     p.add_argument("--threads", type=_int_at_least(1), default=None,
                    help="torch / kernel threads (None: torch's default)")
     p.add_argument("--quiet", action="store_true", help="no progress output")
@@ -140,7 +142,8 @@ def common_config(a: argparse.Namespace) -> dict:
     """TrainConfig fields of the options of :func:`add_common_arguments` (plus epochs)."""
     return dict(dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs, hidden=tuple(a.hidden),
                 batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, nesterov=not a.no_nesterov,
-                weight_decay=a.weight_decay, seed=a.seed, val_fraction=a.val_fraction, threads=a.threads)
+                weight_decay=a.weight_decay, seed=a.seed, val_fraction=a.val_fraction, threads=a.threads,
+                normalize=a.normalize)
 
 
 def config_from_args(a: argparse.Namespace, **overrides) -> TrainConfig:

@@ -33,6 +33,7 @@ class TrainConfig:
     weight_decay: float = 1e-4
     seed: int = 0
     val_fraction: float = 0.1
+    normalize: str = "auto"
     epsilon: Optional[float] = None
     density: Optional[float] = None
     model_options: Dict[str, Any] = field(default_factory=dict)
@@ -48,7 +49,7 @@ class TrainConfig:
 
     # the settings that shape the result: a checkpoint must match them to be resumed
     _RESULT_FIELDS = ("method", "dataset", "epochs", "hidden", "batch_size", "lr", "momentum", "nesterov",
-                      "weight_decay", "seed", "val_fraction", "epsilon", "density", "model_options", "dst_options",
+                      "weight_decay", "seed", "val_fraction", "normalize", "epsilon", "density", "model_options", "dst_options",
                       "time_budget")
 
     def fingerprint(self) -> Dict[str, Any]:

@@ -65,7 +65,8 @@ def _load_data(c: TrainConfig):
     from .. import data as data_mod
 
     try:
-        ds = data_mod.load_dataset(c.dataset, c.data_dir, val_fraction=c.val_fraction, seed=c.seed)
+        ds = data_mod.load_dataset(c.dataset, c.data_dir, val_fraction=c.val_fraction, seed=c.seed,
+                                    normalize=c.normalize)
     except (ValueError, TypeError, OSError, EOFError, KeyError, IndexError, NotImplementedError) as e:
         raise TrainError(f"dataset {c.dataset!r}: {e}") from e
     except Exception as e:  # e.g. zlib.error or a reader's own error type on a corrupt file
