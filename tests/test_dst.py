@@ -955,3 +955,16 @@ def test_options_are_checked():
         Updater(model, None, "ctre", variant="x")
     u = Updater(model, None, "static")
     assert not any(u.step() for _ in range(5)) and not u.epoch_end()
+
+
+def test_rigl_without_annealing_on_a_per_epoch_schedule():
+    """CTRE's comparison runs RigL once per epoch with a constant fraction: every update regrows zeta * nnz."""
+    model = mlp([32, 40, 4], density=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    x, y = easy_data()
+    u = Updater(model, opt, "rigl", zeta=0.2, per_epoch=True, steps_per_epoch=4, total_steps=40, anneal=False,
+                stop_fraction=1.0, seed=1)
+    train_steps(model, opt, u, x, y, 12)
+    assert u.n_updates == 3
+    for rec in u.history:
+        assert rec["grown"] == rec["pruned"] == round(0.2 * rec["nnz"])

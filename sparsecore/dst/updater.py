@@ -20,7 +20,8 @@ set        per epoch (not after the last one): prune ``zeta`` = 0.3 of the entri
            ``init_scale`` = 0.1.
 rigl       every ``delta_t`` = 100 steps while ``t < stop_fraction * total_steps`` (0.75): prune ``alpha_t`` of the
            entries by magnitude, ``alpha_t = alpha/2 (1 + cos(pi t / T_end))``, ``alpha`` = 0.3 (``zeta`` sets it
-           too); regrow where the dense gradient ``|dL/dW|`` is largest among empty positions; new weights 0.
+           too; ``anneal=False`` keeps ``alpha_t = alpha``, as CTRE's comparison runs RigL); regrow where the dense
+           gradient ``|dL/dW|`` is largest among empty positions; new weights 0.
 ctre       per epoch: prune ``zeta`` = 0.2 by magnitude; regrow at the empty positions with the largest
            ``|cos(a_i, a_j)|`` (input neuron i, output neuron j); new weights ``U(-sqrt(6/fan_in), sqrt(6/fan_in))``.
            ``variant``: ``"cte"`` cosine only; ``"ctre_sim"`` a cosine pick that was pruned in the same update is
@@ -90,7 +91,7 @@ _COMMON = dict(regrow_pruned=True, chunk_elems=1 << 20, init=None, init_scale=No
 _DEFAULTS = {
     "static": dict(),
     "set": dict(zeta=0.3, set_signed=False, init="normal", init_scale=0.1),
-    "rigl": dict(alpha=None, delta_t=100, stop_fraction=0.75, init="zero"),
+    "rigl": dict(alpha=None, delta_t=100, stop_fraction=0.75, init="zero", anneal=True),
     "ctre": dict(zeta=0.2, variant="cte", patience=40, init="kaiming_uniform", activation="auto",
                  max_samples=2048, stats="window"),
     "g2g": dict(zeta=0.3, within_ensembles=False, groups=None, ensemble_links=None, init="zero",
@@ -428,7 +429,7 @@ class Updater:
             return self._gmp_layer(i, layer)
         pattern = layer.pattern
         nnz = pattern.nnz
-        if self.method == "rigl":
+        if self.method == "rigl" and self.opts["anneal"]:
             k = int(round(rigl_fraction(self.t, self.zeta, self.t_end) * nnz))
         else:
             k = int(round(self.zeta * nnz))
