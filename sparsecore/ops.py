@@ -146,9 +146,17 @@ def _setup_context(ctx, inputs, output):
     ctx.block_size = block_size
 
 
+def _grad_layout(dy: Tensor, block_size: int) -> Tensor:
+    """dy as the backward kernels read it: row-major, except for the Triton CSR kernels, which read it
+    feature-major in both dX and dW; a (B, out) view of one (out, B) copy, made here once instead of in each."""
+    if block_size == 1 and resolve(dy.device) == "triton":
+        return dy.t().contiguous().t()
+    return dy.contiguous()
+
+
 def _grads(ctx, dy, x, values, rowptr, col, colptr, row, perm, spmm_t_fn, sddmm_fn):
     """(dx, dvalues, dbias) for the inputs that need them (None for the others)."""
-    dy = dy.contiguous()
+    dy = _grad_layout(dy, ctx.block_size)
     need_x, need_v, need_b = ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[2]
     dx = spmm_t_fn(dy, values, colptr, row, perm, x.shape[1], ctx.block_size) if need_x else None
     dv = sddmm_fn(dy, x, rowptr, col, ctx.block_size) if need_v else None
