@@ -35,6 +35,8 @@ import triton_kernels as tk  # noqa: E402
 from triton_kernels import _common as C  # noqa: E402
 from triton_kernels import bsr, csr  # noqa: E402
 
+from torch_index import csr_index  # noqa: E402  (tests/ is on sys.path: pytest's rootdir, or this script's folder)
+
 SASS_OPS = ("LDGSTS", "HGMMA", "HMMA", "LDL", "STL")
 
 
@@ -156,19 +158,6 @@ def _bsr_case(dtype, bs, batch=4096, out_f=1024, in_f=1024, density=0.05):
     return {"fwd": lambda: tk.bsr_spmm(x, v, rowptr, col, out_f, b),
             "dx": lambda: tk.bsr_spmm_t(dy, v, colptr, row, perm, in_f),
             "dw": lambda: tk.bsr_sddmm(dy, x, rowptr, col, bs)}
-
-
-def csr_index(mask: torch.Tensor):
-    """(rowptr, col, colptr, row, perm) int32 of a bool mask, in plain torch (no sparsecore._C needed)."""
-    r, c = mask.nonzero(as_tuple=True)  # row-major order: CSR order
-    n_r, n_c = mask.shape
-    rowptr = torch.zeros(n_r + 1, dtype=torch.int64, device=mask.device)
-    rowptr[1:] = torch.bincount(r, minlength=n_r).cumsum(0)
-    perm = torch.argsort(c * n_r + r)  # column-major order of the CSR entries
-    colptr = torch.zeros(n_c + 1, dtype=torch.int64, device=mask.device)
-    colptr[1:] = torch.bincount(c, minlength=n_c).cumsum(0)
-    i32 = torch.int32
-    return rowptr.to(i32), c.to(i32), colptr.to(i32), r[perm].to(i32), perm.to(i32)
 
 
 def record(fn) -> List[Launch]:

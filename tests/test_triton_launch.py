@@ -291,3 +291,32 @@ def test_backward_transposes_dy_once_for_csr(monkeypatch):
         sparsecore.sparse_linear(x, values, p).backward(torch.randn(6, 12))
     assert seen == [False, True, True]  # forward: x row-major; dX and dW: the feature-major dy
     assert ops._grad_layout(torch.randn(3, 4), 16).is_contiguous()  # BSR reads dy row-major
+
+
+# ============================================================================================= the GPU tests' own parts
+def test_torch_index_matches_pattern():
+    """tests/torch_index.py (the GPU tests' pattern builder, no sparsecore._C) agrees with sparsecore.Pattern."""
+    from torch_index import csr_index
+
+    from sparsecore import Pattern
+    g = torch.Generator().manual_seed(4)
+    for shape, d in (((17, 23), 0.3), ((5, 40), 0.0), ((1, 1), 1.0), ((64, 8), 0.9)):
+        mask = torch.rand(*shape, generator=g) < d
+        p = Pattern.from_mask(mask)
+        for a, b in zip(csr_index(mask), (p.rowptr, p.col, p.colptr, p.row, p.perm)):
+            assert a.dtype == torch.int32 and torch.equal(a, b)
+
+
+def test_cuda_module_rehearsal_on_cpu():
+    """A slice of tests/test_cuda.py in its CPU rehearsal (interpreter, sizes / 16): the GPU tests' reference,
+    NaN fill and helpers work before a GPU run is spent on them. The whole rehearsal takes minutes; run it with
+    SPARSECORE_CUDA_TESTS_ON=cpu python -m pytest --noconftest tests/test_cuda.py."""
+    env = dict(os.environ, SPARSECORE_CUDA_TESTS_ON="cpu", PYTHONPATH=REPO + os.pathsep +
+               os.environ.get("PYTHONPATH", ""))
+    sel = ("(kernels_vs_float64 and (bsr16 or bsr32)) or (every_config and bsr32-sddmm-0) "
+           "or (smoke_bsr and bs32-bf16) or (edge_cases and bsr32-bf16)")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "--noconftest", "-p", "no:cacheprovider",
+                        "tests/test_cuda.py", "-k", sel], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, (r.stdout + r.stderr)[-4000:]
+    assert " passed" in r.stdout and "failed" not in r.stdout, r.stdout[-2000:]

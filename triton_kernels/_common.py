@@ -86,7 +86,10 @@ def jit_kernels(module_globals: dict, names: Iterable[str], cache: Dict[str, obj
         jitted = {}
         for name in names:
             fn = module_globals[name]
-            jitted[name] = fn if hasattr(fn, "fn") else triton.jit(fn)  # already jitted: keep
+            # The KEY_* arguments only key the autotuner; specializing on their values (== 1, divisible by 16)
+            # would compile extra copies of the kernel for nothing.
+            keys = [a for a in fn.__code__.co_varnames[:fn.__code__.co_argcount] if a.startswith("KEY_")]
+            jitted[name] = fn if hasattr(fn, "fn") else triton.jit(fn, do_not_specialize=keys)  # jitted: keep
             module_globals[name] = jitted[name]
         for name, t in (tuning or {}).items():
             jitted[name + TUNED] = _autotuned(triton, jitted[name], t)
