@@ -4,7 +4,8 @@
     python3 bench/gpu_check.py --budget-s 300 --out /tmp/gc
 
 Each stage runs in its own process with a timeout (a CUDA fault poisons the process it happens in, and a hang
-must not eat the budget); the whole run keeps to ``--budget-s`` (default 480 s: 8 minutes). Stages, in order:
+must not eat the budget); the whole run keeps to ``--budget-s`` (default 480 s: 8 minutes), the stages before the benchmark leaving it at
+least 150 s. Stages, in order:
 
 ==========  ===================================================================================================
 env         versions, the GPU; no CUDA device: the check stops here (exit status 2), nothing else runs
@@ -52,6 +53,7 @@ class Stage:
     needs: List[str] = field(default_factory=list)  # stages that must have passed first, else this one skips
     env: Dict[str, str] = field(default_factory=dict)
     min_s: float = 20.0  # not started with less budget left than this
+    reserve_s: float = 0.0  # budget the stages before this one leave for it
 
 
 @dataclass
@@ -228,7 +230,7 @@ def default_stages(out_dir: str, bench_args: Sequence[str] = (), rehearse: bool 
                needs=["smoke-csr", "smoke-bsr"])],
         [Stage("layers", _pytest("training and not autocast"), 180, needs=["build", "smoke-csr", "smoke-bsr"]),
          Stage("autocast", _pytest("autocast"), 180, needs=["build", "smoke-csr", "smoke-bsr"])],
-        [Stage("bench", bench, 10 ** 6, needs=["build", "smoke-csr", "smoke-bsr"], min_s=60)],
+        [Stage("bench", bench, 10 ** 6, needs=["build", "smoke-csr", "smoke-bsr"], min_s=60, reserve_s=150)],
     ]
     if rehearse:
         for g in groups:
@@ -272,11 +274,12 @@ def run_check(groups: List[List[Stage]], out_dir: str, budget_s: float, echo=pri
             logf.write(f"\n{'=' * 30} {name} {'=' * 30}\n{text}")
             logf.flush()
 
-        for group in groups:
+        for gi, group in enumerate(groups):
             todo, limits = [], []
+            reserve = sum(st.reserve_s for g in groups[gi + 1:] for st in g)
             for st in group:
                 missing = [n for n in st.needs if results.get(n) is None or results[n].status != "passed"]
-                left = deadline - time.monotonic()
+                left = deadline - time.monotonic() - reserve
                 if missing:
                     results[st.name] = Result(st.name, "skipped", detail=f"needs {', '.join(missing)}")
                 elif left < st.min_s:

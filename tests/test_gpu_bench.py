@@ -171,9 +171,9 @@ def test_bars(gb):
     r = next(r for r in res["results"] if r["impl"] == "ours_csr")
     assert abs(r["frac_matmul"] - 1e12 / 5e-3 / 800e12) < 1e-12 and "frac_matmul_graph" in r
     bars = {(b["bar"], b["timing"]): b for b in gb.evaluate_bars(res)}
-    b64 = bars[("BSR-64 at 90% sparsity, 8192x8192: x faster than dense bf16", "median_ms")]
+    b64 = bars[("BSR-64 at 90% sparsity, 8192x8192: >= 4x faster than dense bf16", "median_ms")]
     assert b64["ok"] and abs(b64["value"] - 8.0 / 1.9) < 1e-9
-    assert bars[("BSR-32 at 90% sparsity, 8192x8192: x faster than dense bf16", "median_ms")]["ok"]
+    assert bars[("BSR-32 at 90% sparsity, 8192x8192: >= 3x faster than dense bf16", "median_ms")]["ok"]
     csr = bars[("CSR at 99% sparsity, 8192x8192: >= 2x faster than dense bf16 or >= 60% of L2 bandwidth",
                 "median_ms")]
     assert csr["ok"] is False  # 1.6x, no L2 model

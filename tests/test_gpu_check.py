@@ -103,6 +103,16 @@ def test_stage_timeout_is_trimmed_to_the_budget(gc, tmp_path):
     assert s["stages"][0]["status"] == "timeout"
 
 
+def test_later_stages_reserve_budget(gc, tmp_path):
+    """A stage before one that reserves budget is cut short to leave it that much."""
+    groups = [[gc.Stage("env", py("import time; time.sleep(60)"), 300, min_s=0)],
+              [gc.Stage("last", py("print('ran')"), 300, min_s=0, reserve_s=10)]]
+    t0 = time.monotonic()
+    s = gc.run_check(groups, str(tmp_path), budget_s=20, echo=lambda _: None)
+    assert time.monotonic() - t0 < 30
+    assert [st["status"] for st in s["stages"]] == ["timeout", "passed"]
+
+
 def test_bench_stage_gets_the_budget_left(gc, tmp_path):
     groups = gc.default_stages(str(tmp_path))
     bench = groups[-1][0]
