@@ -151,6 +151,14 @@ def _(dy, x, rowptr, col, colptr, row, perm, block_size):
 
 
 # ---- autograd of the ops: y = x W^T + b is bilinear in (x, W), so every gradient is one of the three ops
+def _grad_layout(dy: Tensor, block_size: int) -> Tensor:
+    """dy as the backward kernels read it: row-major, except for the Triton CSR kernels, which read it
+    feature-major in both dX and dW; a (B, out) view of one (out, B) copy, made here once instead of in each."""
+    if block_size == 1 and resolve(dy.device) == "triton":
+        return dy.t().contiguous().t()
+    return dy.contiguous()
+
+
 def _spmm_setup(ctx, inputs, output):
     x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size = inputs
     ctx.save_for_backward(x, values, rowptr, col, colptr, row, perm)
@@ -160,7 +168,7 @@ def _spmm_setup(ctx, inputs, output):
 def _spmm_backward(ctx, dy):
     x, values, rowptr, col, colptr, row, perm = ctx.saved_tensors
     bs, (need_x, need_v, need_b) = ctx.block_size, ctx.needs_input_grad[:3]
-    dy = dy.contiguous()
+    dy = _grad_layout(dy, bs)
     dx = spmm_t(dy, values, rowptr, col, colptr, row, perm, x.shape[1], bs) if need_x else None
     dv = sddmm(dy, x, rowptr, col, colptr, row, perm, bs) if need_v else None
     db = dy.sum(0) if (ctx.has_bias and need_b) else None
@@ -277,7 +285,7 @@ class _EagerSparseLinear(torch.autograd.Function):
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         p, (need_x, need_v, need_b) = ctx.pattern, ctx.needs_input_grad[:3]
-        dy = dy.contiguous()
+        dy = _grad_layout(dy, p.block_size)
         dx = _eager_spmm_t(dy, values, p) if need_x else None
         dv = _eager_sddmm(dy, x, p) if need_v else None
         db = dy.sum(0) if (ctx.has_bias and need_b) else None

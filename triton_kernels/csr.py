@@ -9,12 +9,18 @@ Layout: the kernels gather whole feature rows of the activations, so they run on
 a gather is one coalesced load of a batch tile. The outputs are written in the row-major layout the caller
 expects. Accumulation is in float32 for every input dtype; outputs have the input dtype.
 
-* :func:`csr_spmm`: one program per (output row, batch tile); it walks the row's nonzeros in chunks of
-  ``BLOCK_K`` and accumulates a (BLOCK_K, BLOCK_B) tile, reduced once at the end.
+* :func:`csr_spmm`: one program per (``BLOCK_R`` output rows, batch tile); it walks the rows' nonzeros in
+  chunks of ``BLOCK_K`` (the shorter rows masked) and accumulates a (BLOCK_R, BLOCK_K, BLOCK_B) tile, reduced
+  once at the end; each batch row of the output tile is ``BLOCK_R`` contiguous elements.
 * :func:`csr_spmm_t`: the same kernel over the transpose index, reading ``values[perm]``: no atomics, so the
   result is deterministic.
 * :func:`csr_sddmm`: one program per ``BLOCK_K`` consecutive nonzeros; each finds its row by a binary search in
   ``rowptr`` and reduces ``dy[:, row] * x[:, col]`` over the batch in tiles.
+
+The loops are software-pipelined (``tl.range(..., num_stages=...)``: the next chunks' loads are in flight while
+one accumulates) and the launch shapes are autotuned over short lists keyed on the batch and the mean row length
+(see :mod:`triton_kernels._common`). A (batch, features) input that is a transposed view of a contiguous
+(features, batch) tensor costs no copy: ``sparsecore``'s backward hands dy to both backward kernels that way.
 """
 from __future__ import annotations
 
@@ -34,41 +40,53 @@ __all__ = ["csr_spmm", "csr_spmm_t", "csr_sddmm"]
 
 
 # ============================================================================================= kernels
-def _csr_spmm_kernel(X, V, PTR, IDX, PERM, BIAS, Y, B,
+def _csr_spmm_kernel(X, V, PTR, IDX, PERM, BIAS, Y, n_rows, B, KEY_B, KEY_LEN,
                      stride_xf, stride_xb, stride_yb, stride_yf,
                      HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
-                     BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
-    """Y[b, r] = sum_{k in PTR[r]:PTR[r+1]} V[k or PERM[k]] * X[IDX[k], b] (+ BIAS[r]); X feature-major."""
-    r = tl.program_id(0)
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Y[b, r] = sum_{k in PTR[r]:PTR[r+1]} V[k or PERM[k]] * X[IDX[k], b] (+ BIAS[r]); X feature-major.
+
+    One program computes a (BLOCK_R rows, BLOCK_B batch) tile of Y. KEY_B and KEY_LEN are unused here: they are
+    the autotuner's key (batch and mean row length, rounded to powers of two).
+    """
+    pr = tl.program_id(0)
     pb = tl.program_id(1)
+    offs_r = pr * BLOCK_R + tl.arange(0, BLOCK_R)
+    mask_r = offs_r < n_rows
+    start = tl.load(PTR + offs_r, mask=mask_r, other=0)
+    length = tl.load(PTR + offs_r + 1, mask=mask_r, other=0) - start
+    n_max = tl.max(length, axis=0)  # the tile's rows are walked together, the shorter ones masked
     offs_b = pb * BLOCK_B + tl.arange(0, BLOCK_B)
     mask_b = offs_b < B
     offs_b64 = offs_b.to(tl.int64)
-    start = tl.load(PTR + r)
-    end = tl.load(PTR + r + 1)
-    acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
-    for k0 in range(start, end, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < end
-        c = tl.load(IDX + offs_k, mask=mask_k, other=0).to(tl.int64)
+    offs_j = tl.arange(0, BLOCK_K)
+    # (rows, nonzeros, batch) partial products, reduced over the nonzeros once at the end
+    acc = tl.zeros((BLOCK_R, BLOCK_K, BLOCK_B), dtype=tl.float32)
+    # Pipelined: the index loads and the gathers of the next chunks are in flight while this one accumulates.
+    for j0 in tl.range(0, n_max, BLOCK_K, num_stages=NUM_STAGES):
+        mask_k = (j0 + offs_j)[None, :] < length[:, None]
+        k = start[:, None] + j0 + offs_j[None, :]
+        c = tl.load(IDX + k, mask=mask_k, other=0).to(tl.int64)
         if HAS_PERM:
-            p = tl.load(PERM + offs_k, mask=mask_k, other=0).to(tl.int64)
-            v = tl.load(V + p, mask=mask_k, other=0.0).to(tl.float32)
+            kv = tl.load(PERM + k, mask=mask_k, other=0).to(tl.int64)
         else:
-            v = tl.load(V + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-        xp = X + c[:, None] * stride_xf + offs_b64[None, :] * stride_xb
-        xv = tl.load(xp, mask=mask_k[:, None] & mask_b[None, :], other=0.0).to(tl.float32)
-        acc += xv * v[:, None]
-    out = tl.sum(acc, axis=0)
+            kv = k.to(tl.int64)
+        v = tl.load(V + kv, mask=mask_k, other=0.0).to(tl.float32)
+        xp = X + c[:, :, None] * stride_xf + offs_b64[None, None, :] * stride_xb
+        xv = tl.load(xp, mask=mask_k[:, :, None] & mask_b[None, None, :], other=0.0).to(tl.float32)
+        acc += xv * v[:, :, None]
+    out = tl.sum(acc, axis=1)
     if HAS_BIAS:
-        out += tl.load(BIAS + r).to(tl.float32)
-    yp = Y + offs_b64 * stride_yb + r.to(tl.int64) * stride_yf
-    tl.store(yp, out.to(Y.dtype.element_ty), mask=mask_b)
+        out += tl.load(BIAS + offs_r, mask=mask_r, other=0.0).to(tl.float32)[:, None]
+    # Y is row-major (B, n_rows): each batch row of the tile is BLOCK_R contiguous outputs (a whole 32-byte
+    # sector for 16 bf16 or 8 fp32 rows), not one element every n_rows as with one row per program.
+    yp = Y + offs_b64[None, :] * stride_yb + offs_r.to(tl.int64)[:, None] * stride_yf
+    tl.store(yp, out.to(Y.dtype.element_ty), mask=mask_r[:, None] & mask_b[None, :])
 
 
-def _csr_sddmm_kernel(DY, X, PTR, IDX, OUT, nnz, n_rows, B, n_iter,
+def _csr_sddmm_kernel(DY, X, PTR, IDX, OUT, nnz, n_rows, B, n_iter, KEY_B,
                       stride_df, stride_db, stride_xf, stride_xb,
-                      BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr):
+                      BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, NUM_STAGES: tl.constexpr):
     """OUT[k] = sum_b DY[row(k), b] * X[IDX[k], b]; DY and X feature-major; row(k) by binary search in PTR."""
     pid = tl.program_id(0)
     offs_k = pid * BLOCK_K + tl.arange(0, BLOCK_K)
@@ -84,7 +102,7 @@ def _csr_sddmm_kernel(DY, X, PTR, IDX, OUT, nnz, n_rows, B, n_iter,
         hi = tl.where(go, hi, mid - 1)
     r = lo.to(tl.int64)
     acc = tl.zeros((BLOCK_K, BLOCK_B), dtype=tl.float32)
-    for b0 in range(0, B, BLOCK_B):
+    for b0 in tl.range(0, B, BLOCK_B, num_stages=NUM_STAGES):
         offs_b = (b0 + tl.arange(0, BLOCK_B)).to(tl.int64)
         m = mask_k[:, None] & (offs_b < B)[None, :]
         d = tl.load(DY + r[:, None] * stride_df + offs_b[None, :] * stride_db, mask=m, other=0.0)
@@ -98,8 +116,64 @@ _KERNEL_NAMES = ("_csr_spmm_kernel", "_csr_sddmm_kernel")
 _JIT: dict = {}
 
 
+# ============================================================================================= launch shapes
+# A batch tile of 64 makes each gathered feature row one 128-byte (bf16) or 256-byte (fp32) load. Every
+# configuration below is compiled for sm_90 in CI (tests/test_triton_kernels.py) and run against the float64
+# reference on every dtype (tests/test_cuda.py); keep the lists short: each one is compiled per dtype and
+# specialization at the first call of a shape, and timed once per autotune key.
+def _cfg(num_warps, num_stages, **blocks):
+    return dict(blocks, num_warps=num_warps, num_stages=num_stages)
+
+
+SPMM_CONFIGS = (
+    _cfg(4, 3, BLOCK_R=16, BLOCK_K=8, BLOCK_B=64),
+    _cfg(4, 3, BLOCK_R=8, BLOCK_K=16, BLOCK_B=64),
+    _cfg(8, 3, BLOCK_R=16, BLOCK_K=16, BLOCK_B=64),
+    _cfg(4, 4, BLOCK_R=8, BLOCK_K=8, BLOCK_B=128),
+    # batches under 64 (inference, tests)
+    _cfg(4, 3, BLOCK_R=16, BLOCK_K=8, BLOCK_B=32),
+    _cfg(4, 3, BLOCK_R=32, BLOCK_K=8, BLOCK_B=16),
+)
+SDDMM_CONFIGS = (
+    _cfg(4, 3, BLOCK_K=32, BLOCK_B=64),
+    _cfg(8, 3, BLOCK_K=64, BLOCK_B=64),
+    _cfg(8, 3, BLOCK_K=32, BLOCK_B=128),
+    _cfg(4, 4, BLOCK_K=16, BLOCK_B=128),
+    _cfg(4, 3, BLOCK_K=64, BLOCK_B=32),
+    _cfg(4, 3, BLOCK_K=64, BLOCK_B=16),
+)
+
+
+def _keep_spmm(cfg: dict, args: dict) -> bool:
+    # no nonzero chunk wider than twice the mean row length: those lanes would mostly be masked
+    return C.batch_tile_fits(cfg["BLOCK_B"], args["KEY_B"]) and cfg["BLOCK_K"] <= max(8, 2 * args["KEY_LEN"])
+
+
+def _keep_sddmm(cfg: dict, args: dict) -> bool:
+    return C.batch_tile_fits(cfg["BLOCK_B"], args["KEY_B"])
+
+
+_TUNING = {
+    "_csr_spmm_kernel": C.Tuning(SPMM_CONFIGS, key=("KEY_B", "KEY_LEN", "HAS_PERM"), keep=_keep_spmm),
+    "_csr_sddmm_kernel": C.Tuning(SDDMM_CONFIGS, key=("KEY_B",), keep=_keep_sddmm),
+}
+
+
 def _kernels() -> dict:
-    return C.jit_kernels(globals(), _KERNEL_NAMES, _JIT)
+    return C.jit_kernels(globals(), _KERNEL_NAMES, _JIT, _TUNING)
+
+
+def _default_spmm(batch: int, avg_len: float) -> dict:
+    """The configuration without autotuning: about 8K (rows x nonzeros x batch) products per program."""
+    block_b = C.clamp_pow2(batch, 16, 64)
+    block_k = C.clamp_pow2(int(avg_len), 8, 32)
+    block_r = max(1, min(16, 8192 // (block_k * block_b)))
+    return _cfg(4 if block_r * block_k * block_b <= 4096 else 8, 3, BLOCK_R=block_r, BLOCK_K=block_k,
+                BLOCK_B=block_b)
+
+
+def _default_sddmm(batch: int) -> dict:
+    return _cfg(8, 3, BLOCK_K=32, BLOCK_B=C.clamp_pow2(batch, 16, 64))
 
 
 # ============================================================================================= launch helpers
@@ -108,42 +182,51 @@ def _feature_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
-# Launch shapes. A batch tile of 64 makes each gathered feature row one 128-byte (bf16) or 256-byte (fp32)
-# load; the nonzero chunk follows the average row length. Register use was checked with ptxas for sm_90
-# (no spills; <= ~82 registers with these warp counts).
-def _block_b(batch: int) -> int:
-    return C.clamp_pow2(batch, 16, 64)
-
-
-def _block_k(nnz: int, n_rows: int) -> int:
-    avg = nnz / max(n_rows, 1)
-    return C.clamp_pow2(int(avg), 16, 64)
-
-
-def _warps(block_k: int, block_b: int) -> int:
-    return 4 if block_k * block_b <= 2048 else 8
-
-
-def _spmm_launch(x, values, ptr, idx, perm, bias, n_out: int, kernel_name: str) -> torch.Tensor:
-    k = _kernels()[kernel_name]
+def _spmm_launch(x, values, ptr, idx, perm, bias, n_out: int, config: Optional[dict] = None) -> torch.Tensor:
+    kernels = _kernels()
     batch = x.shape[0]
     y = torch.empty(batch, n_out, dtype=x.dtype, device=x.device)
     if batch == 0 or n_out == 0:
         return y
     if idx.numel() == 0:
         return y.copy_(bias.expand(batch, n_out)) if bias is not None else y.zero_()
+    C.batch_grid(batch, 16)  # the smallest batch tile any configuration uses
     xt = _feature_major(x)
     values = values.contiguous()
     ptr, idx = ptr.contiguous(), idx.contiguous()
     perm = perm.contiguous() if perm is not None else None
     bias = bias.contiguous() if bias is not None else None
-    block_b, block_k = _block_b(batch), _block_k(idx.numel(), n_out)
-    grid = (n_out, C.batch_grid(batch, block_b))
-    k[grid](xt, values, ptr, idx, perm if perm is not None else idx, bias if bias is not None else values, y,
-            batch, xt.stride(0), xt.stride(1), y.stride(0), y.stride(1),
-            HAS_PERM=perm is not None, HAS_BIAS=bias is not None, BLOCK_K=block_k, BLOCK_B=block_b,
-            num_warps=_warps(block_k, block_b))
+    avg = idx.numel() / n_out
+
+    def grid(meta):
+        return (C.cdiv(n_out, meta["BLOCK_R"]), C.cdiv(batch, meta["BLOCK_B"]))
+
+    args = (xt, values, ptr, idx, perm if perm is not None else idx, bias if bias is not None else values, y,
+            n_out, batch, C.clamp_pow2(batch, 16, 4096), C.clamp_pow2(int(avg), 1, 1024),
+            xt.stride(0), xt.stride(1), y.stride(0), y.stride(1))
+    C.launch(kernels, "_csr_spmm_kernel", grid, args, dict(HAS_PERM=perm is not None, HAS_BIAS=bias is not None),
+             _default_spmm(batch, avg), x.device, config)
     return y
+
+
+def _sddmm_launch(dy, x, rowptr, col, config: Optional[dict] = None) -> torch.Tensor:
+    kernels = _kernels()
+    n_rows = dy.shape[1]
+    nnz, batch = col.numel(), dy.shape[0]
+    out = torch.empty(nnz, dtype=dy.dtype, device=dy.device)
+    if nnz == 0:
+        return out
+    if batch == 0:
+        return out.zero_()
+    dyt, xt = _feature_major(dy), _feature_major(x)
+
+    def grid(meta):
+        return (C.cdiv(nnz, meta["BLOCK_K"]),)
+
+    args = (dyt, xt, rowptr.contiguous(), col.contiguous(), out, nnz, n_rows, batch, C.search_iters(n_rows),
+            C.clamp_pow2(batch, 16, 4096), dyt.stride(0), dyt.stride(1), xt.stride(0), xt.stride(1))
+    C.launch(kernels, "_csr_sddmm_kernel", grid, args, {}, _default_sddmm(batch), dy.device, config)
+    return out
 
 
 # ============================================================================================= public API
@@ -168,7 +251,7 @@ def csr_spmm(x: torch.Tensor, values: torch.Tensor, rowptr: torch.Tensor, col: t
             raise ValueError(f"bias must have n_out = {n_out} elements, got {bias.numel()}")
     C.check_same_dtype(x=x, values=values, bias=bias)
     C.check_devices(_kernels()["_csr_spmm_kernel"], x=x, values=values, rowptr=rowptr, col=col, bias=bias)
-    return _spmm_launch(x, values, rowptr, col, None, bias, n_out, "_csr_spmm_kernel")
+    return _spmm_launch(x, values, rowptr, col, None, bias, n_out)
 
 
 def csr_spmm_t(dy: torch.Tensor, values: torch.Tensor, colptr: torch.Tensor, row: torch.Tensor,
@@ -186,7 +269,7 @@ def csr_spmm_t(dy: torch.Tensor, values: torch.Tensor, colptr: torch.Tensor, row
     C.check_nnz(values.numel())
     C.check_same_dtype(dy=dy, values=values)
     C.check_devices(_kernels()["_csr_spmm_kernel"], dy=dy, values=values, colptr=colptr, row=row, perm=perm)
-    return _spmm_launch(dy, values, colptr, row, perm, None, n_in, "_csr_spmm_kernel")
+    return _spmm_launch(dy, values, colptr, row, perm, None, n_in)
 
 
 def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -203,18 +286,5 @@ def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, rowptr: torch.Tensor, col: torc
     C.check_index("col", col)
     C.check_nnz(col.numel())
     C.check_same_dtype(dy=dy, x=x)
-    k = _kernels()["_csr_sddmm_kernel"]
-    C.check_devices(k, dy=dy, x=x, rowptr=rowptr, col=col)
-    nnz, batch = col.numel(), dy.shape[0]
-    out = torch.empty(nnz, dtype=dy.dtype, device=dy.device)
-    if nnz == 0:
-        return out
-    if batch == 0:
-        return out.zero_()
-    dyt, xt = _feature_major(dy), _feature_major(x)
-    block_k, block_b = 32, C.clamp_pow2(batch, 16, 64)
-    grid = (-(-nnz // block_k),)
-    k[grid](dyt, xt, rowptr.contiguous(), col.contiguous(), out, nnz, n_rows, batch, C.search_iters(n_rows),
-            dyt.stride(0), dyt.stride(1), xt.stride(0), xt.stride(1),
-            BLOCK_K=block_k, BLOCK_B=block_b, num_warps=8)
-    return out
+    C.check_devices(_kernels()["_csr_sddmm_kernel"], dy=dy, x=x, rowptr=rowptr, col=col)
+    return _sddmm_launch(dy, x, rowptr, col)
