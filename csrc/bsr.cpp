@@ -12,6 +12,10 @@
 #include "dispatch.h"
 #include "scratch.h"
 
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>  // the bf16 conversions of kernels_impl.h (under each copy's target pragma)
+#endif
+
 #define SC_ISA generic
 #define SC_VBYTES 16
 #include "kernels_impl.h"

@@ -24,7 +24,7 @@ inline void block_madd(const E* m, int64_t rs, int64_t cs, int bs, const S* xt, 
       V<S> x[NV];
       for (int v = 0; v < NV; ++v) x[v] = vload<S>(xt + c * T + v * L);
       for (int u = 0; u < 4; ++u) {
-        const V<S> w = vsplat<S>(sc::to_compute<S>(m[(r + u) * rs + c * cs]));
+        const V<S> w = vsplat_as<S>(m + (r + u) * rs + c * cs);
         for (int v = 0; v < NV; ++v) a[u][v] += w * x[v];
       }
     }
@@ -35,7 +35,7 @@ inline void block_madd(const E* m, int64_t rs, int64_t cs, int bs, const S* xt, 
     V<S> a[NV];
     for (int v = 0; v < NV; ++v) a[v] = vload<S>(acc + r * T + v * L);
     for (int c = 0; c < bs; ++c) {
-      const V<S> w = vsplat<S>(sc::to_compute<S>(m[r * rs + c * cs]));
+      const V<S> w = vsplat_as<S>(m + r * rs + c * cs);
       for (int v = 0; v < NV; ++v) a[v] += w * vload<S>(xt + c * T + v * L);
     }
     for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + r * T + v * L, &a[v], sizeof(V<S>));

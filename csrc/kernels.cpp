@@ -15,7 +15,7 @@
 #include "scratch.h"
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
-#include <immintrin.h>  // the AVX512-BF16 intrinsics of the avx512bf16 copy (compiled under its target pragma)
+#include <immintrin.h>  // the bf16 conversions and AVX512-BF16 intrinsics of kernels_impl.h (under each copy's target pragma)
 #endif
 
 #define SC_ISA generic
@@ -104,6 +104,20 @@ static int64_t g_sddmm_block_bytes = default_sddmm_block_bytes();
 // feeds two FMAs, and there are 32 vector registers for the accumulators.
 constexpr int SPMM_MAX_NV = 2;               // every instruction set
 constexpr int SDDMM_MAX_NV[4] = {8, 8, 2, 2};   // generic, AVX2, AVX-512, AVX-512 + BF16 (indexed by Isa)
+//
+// bf16. The tiles stay in bf16 (half the bytes of an fp32 tile: these kernels are bound by reading tile rows from
+// L2), widened to fp32 two vectors per load by integer ops (kernels_impl.h, widen_pairs), or multiplied as bf16 by
+// vdpbf16ps (the SDDMM under avx512bf16). Measured on a 2-core Intel Xeon with AVX512-BF16 and 2 MiB L2 per core,
+// 4096x4096, batch 256, 2 threads, medians of 15-20 interleaved calls, time relative to the fp32 kernel, at 10% / 1%
+// density; the first design, widening into fp32 tiles during the transpose, in brackets:
+//   forward  AVX-512 0.85 / 0.98 (1.04 / 1.05), AVX2 0.93 / 1.03 (1.02 / 1.04)
+//   dX       AVX-512 0.76 / 0.92 (0.94 / 1.00), AVX2 0.86 / 1.01 (0.95 / 1.05)
+//   dW       vdpbf16ps T = 128 rows 0.77 / 0.88 (T = 64: 0.93 / 0.91, T = 32: 0.98 / 0.98);
+//            AVX-512 widened T = 128 0.87 / 0.99 (T = 32: 1.09 / 1.02; fp32 tiles 1.10 / 1.03);
+//            AVX2 widened T = 64 1.02 / 0.96 (fp32 tiles 1.03 / 1.02)
+// So the bf16 SpMMs keep the fp32 tile widths and the bf16 SDDMM takes 8 vectors of fp32 lanes per tile row in
+// every copy: fewer horizontal sums and dW read-modify-writes per entry, the arithmetic being cheaper than fp32's.
+constexpr int BF16_SDDMM_MAX_NV = 8;
 //
 // A batch that is not a multiple of the widest tile goes in chunks of narrower tiles, so that little of the last
 // tile is padding: batch 100 for the SDDMM is 64 + 32 + 4 rows (tiles of 64, 32, 8 rows: 104 computed) instead
@@ -213,7 +227,8 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks = batch_chunks(B, L, SPMM_MAX_NV);
-  S* buf = scratch<S>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);  // the first chunk has the widest tiles
+  // The tiles are stored as E (bf16 tiles for bf16, see BF16_SDDMM_MAX_NV); the first chunk has the widest ones.
+  E* buf = scratch<E>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);
   for (const BatchChunk& c : chunks) {
     // Whole tiles per thread once there is one per thread after the gathering tile: no barrier per tile and each
     // thread reads the tile it transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of
@@ -224,10 +239,10 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
     const bool by_tile = g_spmm_split ? g_spmm_split == 2 : nt > 1 && n_tiles - (pe ? 1 : 0) >= nt;
     const E* xc = xp + c.b0 * n_cols;
     E* yc = yp + c.b0 * n_rows;
-#define GEN(N) generic::spmm<S, E, S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+#define GEN(N) generic::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::spmm<S, E, S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
-#define A512(N) avx512::spmm<S, E, S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+#define AVX(N) avx2::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+#define A512(N) avx512::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
 #else
 #define AVX(N) GEN(N)
 #define A512(N) GEN(N)
@@ -264,26 +279,21 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   const int isa = kernel_isa();
   const int L = isa_vector_bytes(isa) / int(sizeof(S));
   py::gil_scoped_release nogil;
-#ifdef SC_HAVE_AVX2
-  // bf16 with AVX512-BF16: bf16 tiles and vdpbf16ps dot products (the avx512bf16 copy); otherwise fp32 tiles.
-  const bool bf16_tiles = is_bf16<E>() && isa == ISA_AVX512BF16;
-#else
-  const bool bf16_tiles = false;
-#endif
-  if (is_bf16<E>()) g_bf16_ran[BF16_SDDMM] = bf16_tiles ? isa : std::min(isa, int(ISA_AVX512));
+  // bf16 with AVX512-BF16: the dot products by vdpbf16ps (the avx512bf16 copy); else bf16 tiles widened to fp32.
+  const bool bf16_dot = is_bf16<E>() && isa == ISA_AVX512BF16;
+  if (is_bf16<E>()) g_bf16_ran[BF16_SDDMM] = bf16_dot ? isa : std::min(isa, int(ISA_AVX512));
   if (B == 0) {
     std::fill(dv, dv + nnz, sc::from_compute<E>(S(0)));
     return;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  const std::vector<BatchChunk> chunks = batch_chunks(B, L, SDDMM_MAX_NV[isa]);
+  const std::vector<BatchChunk> chunks = batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : SDDMM_MAX_NV[isa]);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
   // streamed dY^T rows), and where each row's entries of each block start. Each (row, block) segment costs a
   // reload of the row's dY^T and a padded tail, so blocks are only used while segments average >= 32 entries
   // (at 1% density of a 4096x4096 layer one block of ~41-entry rows was 8% faster than four ~10-entry ones).
   // Sized for the first chunk's tiles, the widest: the narrower tiles of later chunks fit as well.
-  const int64_t tile_bytes = bf16_tiles ? 2 : int64_t(sizeof(S));
-  const int64_t tile_row_bytes = int64_t(chunks[0].nv) * L * tile_bytes;
+  const int64_t tile_row_bytes = int64_t(chunks[0].nv) * L * int64_t(sizeof(E));
   const int64_t fit_cols = std::max<int64_t>(1, g_sddmm_block_bytes / tile_row_bytes);
   const int64_t fit_blocks = (n_cols + fit_cols - 1) / fit_cols;
   const int64_t long_blocks = nnz / (32 * std::max<int64_t>(1, n_rows));
@@ -303,8 +313,7 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   // (n_cols * nt <= nnz / 8). Measured on a 2-core Zen 3, 2 threads: 4096x4096 batch 256, 1% density 4.0 -> 2.9
   // ms; 1000x1000 at 4.5%, batch 100: 404 -> 311 us; 10%: equal. Results are bit-identical either way.
   const bool private_tiles = g_sddmm_tiles ? g_sddmm_tiles == 2 : nt > 1 && n_cols * nt * 8 <= nnz;
-  const int64_t buf_elems = (private_tiles ? std::max(2, nt) : 2) * (n_cols + n_rows) * chunks[0].nv * L;
-  void* buf = bf16_tiles ? static_cast<void*>(scratch<bf16>(0, buf_elems)) : static_cast<void*>(scratch<S>(0, buf_elems));
+  E* buf = scratch<E>(0, (private_tiles ? std::max(2, nt) : 2) * (n_cols + n_rows) * chunks[0].nv * L);
   // The partial sums: dW itself for fp32/fp64; for bf16 an fp32 array (scratch slot 2) that the last tile of the
   // last chunk reads as it writes dW, rounded once. A batch of one tile needs none.
   const bool one_tile = chunks.size() == 1 && chunks[0].nb <= int64_t(chunks[0].nv) * L;
@@ -314,20 +323,19 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
     const E* yc = yp + c.b0 * n_rows;
     const E* xc = xp + c.b0 * n_cols;
     const bool accumulate = c.b0 > 0, finish = ic + 1 == chunks.size();
-#define SC_SDDMM_ARGS(TE) (yc, xc, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, \
-                           static_cast<TE*>(buf), accumulate, finish, private_tiles)
-#define GEN(N) generic::sddmm<S, E, S, N> SC_SDDMM_ARGS(S)
+#define SC_SDDMM_ARGS (yc, xc, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, buf, accumulate, finish, private_tiles)
+#define GEN(N) generic::sddmm<S, E, E, N> SC_SDDMM_ARGS
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::sddmm<S, E, S, N> SC_SDDMM_ARGS(S)
-#define A512(N) avx512::sddmm<S, E, S, N> SC_SDDMM_ARGS(S)
-#define B512(N) avx512bf16::sddmm<float, bf16, bf16, N> SC_SDDMM_ARGS(bf16)
+#define AVX(N) avx2::sddmm<S, E, E, N> SC_SDDMM_ARGS
+#define A512(N) avx512::sddmm<S, E, E, N> SC_SDDMM_ARGS
+#define B512(N) avx512bf16::sddmm<S, E, E, N> SC_SDDMM_ARGS
 #else
 #define AVX(N) GEN(N)
 #define A512(N) GEN(N)
 #endif
 #ifdef SC_HAVE_AVX2
     if constexpr (is_bf16<E>()) {
-      if (bf16_tiles) {
+      if (bf16_dot) {
         if (c.nv == 1) B512(1); else if (c.nv == 2) B512(2); else if (c.nv == 4) B512(4); else B512(8);
         continue;
       }

@@ -26,6 +26,36 @@ inline V<S> vload(const S* p) { V<S> v; __builtin_memcpy(&v, p, sizeof(v)); retu
 // Storage and compute types. The kernels compute in S (float or double) and read and write their operands in a
 // storage type E: E = S, or E = sc::bf16 with S = float. With E = S the conversions below are plain loads and
 // stores, so the fp32/fp64 kernels compile to what they were before bf16 existed.
+
+// L bf16 values zero-extended into the 32-bit lanes of one vector (vpmovzxwd). GCC 12 compiles the portable
+// __builtin_convertvector of this into two half-width zero-extends and an insert, so x86 gets the intrinsic.
+template <class U>
+inline U zext_bf16(const sc::bf16* p) {
+  U u;
+#if defined(__x86_64__) && SC_VBYTES == 64
+  // (the maskz form: the plain one trips GCC 12's -Wuninitialized in its own header)
+  const __m512i z = _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  __builtin_memcpy(&u, &z, sizeof(u));
+#elif defined(__x86_64__) && SC_VBYTES == 32
+  const __m256i z = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __builtin_memcpy(&u, &z, sizeof(u));
+#else
+  typedef uint16_t H __attribute__((vector_size(SC_VBYTES / 2)));
+  H h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  u = __builtin_convertvector(h, U);
+#endif
+  return u;
+}
+
+// The low 16 bits of each 32-bit lane of u, stored as L bf16 (vpmovdw / vpackusdw).
+template <class U>
+inline void narrow_bf16(sc::bf16* p, U u) {
+  typedef uint16_t H __attribute__((vector_size(SC_VBYTES / 2)));
+  const H h = __builtin_convertvector(u & 0xFFFFu, H);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
 // One vector of S (L lanes) from L consecutive values of E: bf16 widens to fp32 by a 16-bit shift (exact).
 template <class S, class E>
 inline V<S> vload_as(const E* p) {
@@ -33,11 +63,8 @@ inline V<S> vload_as(const E* p) {
     return vload<S>(p);
   } else {
     static_assert(sc::is_bf16<E>() && std::is_same<S, float>::value, "storage types: S itself, or bf16 for float");
-    typedef uint16_t H __attribute__((vector_size(SC_VBYTES / 2)));
     typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
-    H h;
-    __builtin_memcpy(&h, p, sizeof(h));
-    const U u = __builtin_convertvector(h, U) << 16;
+    const U u = zext_bf16<U>(p) << 16;
     V<S> v;
     __builtin_memcpy(&v, &u, sizeof(v));
     return v;
@@ -60,20 +87,39 @@ inline void vstore_as(E* p, V<S> v) {
     __builtin_memcpy(p, &v, sizeof(v));
   } else {
     static_assert(sc::is_bf16<E>() && std::is_same<S, float>::value, "storage types: S itself, or bf16 for float");
-    typedef uint16_t H __attribute__((vector_size(SC_VBYTES / 2)));
     typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
     U u;
     __builtin_memcpy(&u, &v, sizeof(u));
-    const H h = __builtin_convertvector(round_bf16_lanes(u), H);
-    __builtin_memcpy(p, &h, sizeof(h));
+    narrow_bf16(p, round_bf16_lanes(u));
   }
 }
+
 // Every lane = s, written as a brace initialiser so that it compiles to one broadcast. (Not `V<S>{} + s`: IEEE
 // -0.0 + 0.0 = +0.0 forces a real add; not a loop over lanes: that can become a chain of lane inserts.)
 template <class S, std::size_t... I>
 inline V<S> vsplat_impl(S s, std::index_sequence<I...>) { return V<S>{((void)I, s)...}; }
 template <class S>
 inline V<S> vsplat(S s) { return vsplat_impl<S>(s, std::make_index_sequence<lanes<S>()>{}); }
+
+// Every lane = the value at p, as S. A bf16 is broadcast as a 16-bit word to every half of every 32-bit lane and
+// shifted into the high halves (vpbroadcastw + vpslld: the scalar route, movzx + shl + vmovd + vbroadcastss, costs
+// two more uops on the shuffle port that the broadcast of an fp32 from memory does not use).
+template <class S, class E>
+inline V<S> vsplat_as(const E* p) {
+  if constexpr (std::is_same<E, S>::value) {
+    return vsplat<S>(*p);
+  } else {
+    typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+    const V<uint16_t> h = vsplat<uint16_t>(p->bits);
+    U u;
+    __builtin_memcpy(&u, &h, sizeof(u));
+    u <<= 16;
+    V<S> v;
+    __builtin_memcpy(&v, &u, sizeof(v));
+    return v;
+  }
+}
+
 #if defined(__clang__)
 #define SC_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -102,6 +148,67 @@ inline V<S> bfly_impl(V<S> a, V<S> b, std::index_sequence<I...>) {
 template <class S, int W, bool HI>
 inline V<S> bfly(V<S> a, V<S> b) {
   return bfly_impl<S, W, HI>(a, b, std::make_index_sequence<lanes<S>()>{});
+}
+
+// bf16 tile rows widened without a shuffle. Seen as 32-bit lanes, a vector of 2L bf16 holds element 2i in the
+// low half of lane i and element 2i+1 in the high half, so `<< 16` turns lane i into the fp32 of element 2i and
+// `& 0xFFFF0000` into that of element 2i+1: two integer ops for 2L values (__builtin_convertvector to 32-bit
+// lanes costs GCC 12 five shuffles per 16). The even and odd elements land in separate vectors, a permutation that
+// a dot product ignores and that the SpMM undoes once per output row (interleave_pairs).
+template <class S>
+inline void widen_pairs(const sc::bf16* p, V<S>& even, V<S>& odd) {
+  typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+  U u;
+  __builtin_memcpy(&u, p, sizeof(u));
+  const U e = u << 16, o = u & 0xFFFF0000u;
+  __builtin_memcpy(&even, &e, sizeof(even));
+  __builtin_memcpy(&odd, &o, sizeof(odd));
+}
+
+template <int L, bool HI>
+constexpr int pair_lane(int c) { return (HI ? L / 2 : 0) + c / 2 + (c & 1 ? L : 0); }
+template <class S, bool HI, std::size_t... I>
+inline V<S> interleave_impl(V<S> a, V<S> b, std::index_sequence<I...>) {
+  constexpr int L = lanes<S>();
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, pair_lane<L, HI>(int(I))...);
+#else
+  typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type IE;
+  typedef IE IV __attribute__((vector_size(SC_VBYTES)));
+  return __builtin_shuffle(a, b, IV{pair_lane<L, HI>(int(I))...});
+#endif
+}
+// even = elements 0, 2, .., 2L-2 and odd = 1, 3, .., 2L-1 of 2L values (as widen_pairs leaves them) -> the values
+// in order: even = elements 0..L-1, odd = L..2L-1.
+template <class S>
+inline void interleave_pairs(V<S>& even, V<S>& odd) {
+  const V<S> lo = interleave_impl<S, false>(even, odd, std::make_index_sequence<lanes<S>()>{});
+  const V<S> hi = interleave_impl<S, true>(even, odd, std::make_index_sequence<lanes<S>()>{});
+  even = lo;
+  odd = hi;
+}
+
+// a[v] += w * (tile row x)[v] for the NV vectors of a tile row stored as TE. bf16 rows with NV even are widened by
+// pairs, so a[2z] and a[2z+1] then hold the even and odd batch rows of the z-th 2L rows (see widen_pairs).
+template <class S, class TE, int NV>
+inline void tile_row_fma(V<S>* a, V<S> w, const TE* x) {
+  constexpr int L = lanes<S>();
+  if constexpr (sc::is_bf16<TE>() && NV % 2 == 0) {
+    for (int z = 0; z < NV / 2; ++z) {
+      V<S> e, o;
+      widen_pairs<S>(x + z * 2 * L, e, o);
+      a[2 * z] += w * e;
+      a[2 * z + 1] += w * o;
+    }
+  } else {
+    for (int v = 0; v < NV; ++v) a[v] += w * vload_as<S>(x + v * L);
+  }
+}
+// Accumulators filled by tile_row_fma back in batch order.
+template <class S, class TE, int NV>
+inline void tile_row_order(V<S>* a) {
+  if constexpr (sc::is_bf16<TE>() && NV % 2 == 0)
+    for (int z = 0; z < NV / 2; ++z) interleave_pairs<S>(a[2 * z], a[2 * z + 1]);
 }
 
 // r[i] <- column i of the L x L block whose rows were r: the butterfly steps of width W, 2W, ..., L/2.
@@ -177,14 +284,39 @@ inline V4<S> reduce4(const V<S>* s) {
 // keeps at most L source and L destination cache lines live, which matters: the rows of a (batch, features)
 // tensor are often a power of two apart and would otherwise all fall into the same L1 set.
 // The source and destination may be stored as bf16 (ES, ED): converted on load and rounded on store.
+// bf16 to bf16 moves the 16-bit words as they are (zero-extended to 32-bit lanes for the shuffles, truncated on the
+// way out), without converting them.
+template <class S, class ED>
+inline void transpose_store(ED* p, V<S> v, bool raw) {
+  if constexpr (sc::is_bf16<ED>()) {
+    if (raw) {
+      typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+      U u;
+      __builtin_memcpy(&u, &v, sizeof(u));
+      narrow_bf16(p, u);
+      return;
+    }
+  }
+  vstore_as<S>(p, v);
+}
+
 template <class S, class ES, class ED>
 inline void transpose_LxL(const ES* src, int64_t lds, ED* dst, int64_t ldd) {
   constexpr int L = lanes<S>();
+  constexpr bool RAW = sc::is_bf16<ES>() && sc::is_bf16<ED>();
   V<S> r[L];
-  for (int i = 0; i < L; ++i) r[i] = vload_as<S>(src + i * lds);
+  for (int i = 0; i < L; ++i) {
+    if constexpr (RAW) {
+      typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+      const U u = zext_bf16<U>(src + i * lds);
+      __builtin_memcpy(&r[i], &u, sizeof(u));
+    } else {
+      r[i] = vload_as<S>(src + i * lds);
+    }
+  }
   if constexpr (SC_VBYTES == 64) {
     transpose_regs<S, 1>(r);
-    for (int c = 0; c < L; ++c) vstore_as<S>(dst + c * ldd, r[c]);
+    for (int c = 0; c < L; ++c) transpose_store<S>(dst + c * ldd, r[c], RAW);
   } else if constexpr (L == 8) {
     typedef int32_t IV __attribute__((vector_size(32)));
     V<S> t[8], u[8];
@@ -201,8 +333,8 @@ inline void transpose_LxL(const ES* src, int64_t lds, ED* dst, int64_t ldd) {
     for (int c = 0; c < 4; ++c) {
       const V<S> lo = SC_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
       const V<S> hi = SC_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-      vstore_as<S>(dst + c * ldd, lo);
-      vstore_as<S>(dst + (c + 4) * ldd, hi);
+      transpose_store<S>(dst + c * ldd, lo, RAW);
+      transpose_store<S>(dst + (c + 4) * ldd, hi, RAW);
     }
   } else if constexpr (L == 4) {
     typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type IE;
@@ -211,7 +343,7 @@ inline void transpose_LxL(const ES* src, int64_t lds, ED* dst, int64_t ldd) {
     const V<S> t2 = SC_SHUF(r[2], r[3], 0, 4, 2, 6), t3 = SC_SHUF(r[2], r[3], 1, 5, 3, 7);
     const V<S> o[4] = {SC_SHUF(t0, t2, 0, 1, 4, 5), SC_SHUF(t1, t3, 0, 1, 4, 5), SC_SHUF(t0, t2, 2, 3, 6, 7),
                        SC_SHUF(t1, t3, 2, 3, 6, 7)};
-    for (int c = 0; c < 4; ++c) vstore_as<S>(dst + c * ldd, o[c]);
+    for (int c = 0; c < 4; ++c) transpose_store<S>(dst + c * ldd, o[c], RAW);
   } else {
     for (int i = 0; i < L; ++i)
       for (int c = 0; c < L; ++c) dst[c * ldd + i] = sc::from_compute<ED>(r[i][c]);
@@ -309,18 +441,17 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
       for (int u = 0; u < U; ++u) {
         const uint64_t ci = (u & 1) ? (cc[u / 2] >> 32) : static_cast<uint32_t>(cc[u / 2]);
         const TE* x = Xt + static_cast<int64_t>(ci) * T;
-        const V<S> w = vsplat<S>(sc::to_compute<S>(val[k + u]));
-        for (int v = 0; v < NV; ++v) acc[u][v] += w * vload_as<S>(x + v * L);
+        tile_row_fma<S, TE, NV>(acc[u], vsplat_as<S>(val + k + u), x);
       }
     }
     V<S>* a = acc[0];
     for (; k < e; ++k) {
       const TE* x0 = Xt + static_cast<int64_t>(col[k]) * T;
-      const V<S> w0 = vsplat<S>(sc::to_compute<S>(val[k]));
-      for (int v = 0; v < NV; ++v) a[v] += w0 * vload_as<S>(x0 + v * L);
+      tile_row_fma<S, TE, NV>(a, vsplat_as<S>(val + k), x0);
     }
     for (int u = 1; u < U; ++u)
       for (int v = 0; v < NV; ++v) a[v] += acc[u][v];
+    tile_row_order<S, TE, NV>(a);
     const S b = bias ? sc::to_compute<S>(bias[j]) : S(0);
     for (int v = 0; v < NV; ++v) {
       const V<S> o = a[v] + b;
@@ -403,21 +534,38 @@ void spmm(const E* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
 
 // One row of the transposed dY tile (T = NV * lanes batch rows), held in registers for the dot products of its
 // row's entries with rows of the X tile. The tiles are stored as TE: S, or bf16 (widened to fp32 on load).
+// bf16 rows (NV even) are widened by pairs (widen_pairs): both operands get the same permutation of the batch
+// rows, which the dot product does not see.
 template <class S, class TE, int NV>
 struct DyRow {
   static constexpr int L = lanes<S>();
+  static constexpr bool PAIRS = sc::is_bf16<TE>() && NV % 2 == 0;
   V<S> v[NV];
   void load(const TE* p) {
-    for (int i = 0; i < NV; ++i) v[i] = vload_as<S>(p + i * L);
+    if constexpr (PAIRS)
+      for (int z = 0; z < NV / 2; ++z) widen_pairs<S>(p + z * 2 * L, v[2 * z], v[2 * z + 1]);
+    else
+      for (int i = 0; i < NV; ++i) v[i] = vload_as<S>(p + i * L);
   }
   // <dy, x> as one vector of partial sums (two accumulators: one FMA chain would be latency bound).
   V<S> dot(const TE* x) const {
-    V<S> a = v[0] * vload_as<S>(x), c = V<S>{};
-    for (int i = 1; i < NV; i += 2) {
-      c += v[i] * vload_as<S>(x + i * L);
-      if (i + 1 < NV) a += v[i + 1] * vload_as<S>(x + (i + 1) * L);
+    if constexpr (PAIRS) {
+      V<S> a = V<S>{}, c = V<S>{};
+      for (int z = 0; z < NV / 2; ++z) {
+        V<S> e, o;
+        widen_pairs<S>(x + z * 2 * L, e, o);
+        a += v[2 * z] * e;
+        c += v[2 * z + 1] * o;
+      }
+      return a + c;
+    } else {
+      V<S> a = v[0] * vload_as<S>(x), c = V<S>{};
+      for (int i = 1; i < NV; i += 2) {
+        c += v[i] * vload_as<S>(x + i * L);
+        if (i + 1 < NV) a += v[i + 1] * vload_as<S>(x + (i + 1) * L);
+      }
+      return a + c;
     }
-    return a + c;
   }
 };
 
