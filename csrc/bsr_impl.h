@@ -45,9 +45,10 @@ inline void block_madd(const E* m, int64_t rs, int64_t cs, int bs, const S* xt, 
 // Y (B, n_brows*bs) = X (B, n_bcols*bs) M^T (+ bias) over a block-row structure (rp, idx). With `transposed`
 // the structure is the transpose index (colptr, row, perm) and block t is W's block perm[t] read transposed:
 // that is dX = dY W. split: thread boundaries over block rows.
-template <class S, class E, int NV>
+// The values are stored as EV: E, or S where the caller widened bf16 values once for all tiles.
+template <class S, class E, class EV, int NV>
 void bsr_spmm(const E* X, int64_t B, int64_t n_in, const int32_t* rp, const int32_t* idx, const int32_t* perm,
-              const E* val, int bs, int64_t n_brows, const E* bias, E* Y, const int64_t* split, int nt, S* buf,
+              const EV* val, int bs, int64_t n_brows, const E* bias, E* Y, const int64_t* split, int nt, S* buf,
               S* accbuf) {
   constexpr int T = NV * lanes<S>();
   const int64_t n_out = n_brows * bs;
@@ -70,7 +71,7 @@ void bsr_spmm(const E* X, int64_t B, int64_t n_in, const int32_t* rp, const int3
             for (int t = 0; t < T; ++t) acc[r * T + t] = bias ? sc::to_compute<S>(bias[br * bs + r]) : S(0);
           for (int64_t k = rp[br]; k < rp[br + 1]; ++k) {
             const int64_t blk = perm ? perm[k] : k;
-            block_madd<S, E, NV>(val + blk * bsq, rs, cs, bs, xt + int64_t(idx[k]) * bs * T, acc);
+            block_madd<S, EV, NV>(val + blk * bsq, rs, cs, bs, xt + int64_t(idx[k]) * bs * T, acc);
           }
           store_rows<S, E>(acc, bs, T, tb, Y, n_out, b0, br * bs);
         }
