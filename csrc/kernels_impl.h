@@ -8,6 +8,11 @@
 // one live connection is then a broadcast weight times NV contiguous vectors: no gathers, no atomics.
 // Threads split the CSR rows into blocks of equal nnz (the SDDMM, and the SpMM with few tiles) or take whole
 // batch tiles each (the SpMM with at least a tile per thread); either way no two threads write one output.
+//
+// bfloat16. The same templates run on bf16 data (storage type E = sc::bf16, compute type S = float): the tiles
+// hold bf16 (widened to fp32 where they are read, or multiplied by vdpbf16ps in the avx512bf16 copy, SC_BF16_DOT),
+// every sum is in fp32, and each output is rounded once to nearest even where it is stored. x86 copies use a few
+// intrinsics for the bf16 loads (immintrin.h, included by the .cpp files).
 
 namespace SC_ISA {
 

@@ -41,8 +41,9 @@ class SparseLinear(nn.Module):
         block_size: BSR block size; must divide both dimensions.
         generator: ``torch.Generator`` for the random pattern.
 
-    Shapes: input ``(*, in_features)``, output ``(*, out_features)``; float32/float64 on CPU (float16/bfloat16 too
-    with the Triton kernels on CUDA). Initialisation is ``nn.Linear``'s, ``U(-1/sqrt(in), 1/sqrt(in))`` for the
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``; float32, float64 or bfloat16 on CPU
+    (``layer.to(torch.bfloat16)``: bf16 kernels with fp32 accumulation), float32, float16 or bfloat16 with the
+    Triton kernels on CUDA. Initialisation is ``nn.Linear``'s, ``U(-1/sqrt(in), 1/sqrt(in))`` for the
     live weights and the bias, so a sparsified model starts from the weights its dense twin would have had.
     """
 

@@ -81,7 +81,7 @@ def test_bsr_kernels_per_isa(isa, threads, dtype, bs, batch, gen):
 
 
 @pytest.mark.parametrize("value,expect", [("generic", "generic"), ("avx2", "avx2"), (" avx2 ", "avx2"),
-                                          ("", None)])
+                                          ("avx512", "avx512"), ("avx512bf16", "avx512bf16"), ("", None)])
 def test_isa_cap_from_environment(value, expect):
     """SPARSECORE_MAX_ISA caps the kernels at import (checked in a fresh interpreter)."""
     if expect is not None and not isa_supported(expect):
