@@ -3,13 +3,16 @@
 //
 // Blocks give register reuse that unstructured sparsity cannot: in the forward and dX kernels four output rows
 // share every loaded tile vector (4 FMAs per load), and dW is a small dense GEMM per block.
+//
+// Types: the kernels compute in S; activations, values, bias and outputs are stored as E (S, or bf16 with S =
+// float: widened where they are read, outputs rounded once where they are written). Tiles and buffers are in S.
 
 namespace SC_ISA {
 
 // One block row of Yt (bs x T, row-major, in `acc`) += M * Xt[in0 : in0+bs], with M(r, c) = m[r*rs + c*cs]:
 // rs = bs, cs = 1 for W's block (forward); rs = 1, cs = bs for its transpose (dX).
-template <class S, int NV>
-inline void block_madd(const S* m, int64_t rs, int64_t cs, int bs, const S* xt, S* acc) {
+template <class S, class E, int NV>
+inline void block_madd(const E* m, int64_t rs, int64_t cs, int bs, const S* xt, S* acc) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
   int r = 0;
@@ -21,7 +24,7 @@ inline void block_madd(const S* m, int64_t rs, int64_t cs, int bs, const S* xt, 
       V<S> x[NV];
       for (int v = 0; v < NV; ++v) x[v] = vload<S>(xt + c * T + v * L);
       for (int u = 0; u < 4; ++u) {
-        const V<S> w = vsplat<S>(m[(r + u) * rs + c * cs]);
+        const V<S> w = vsplat_as<S>(m + (r + u) * rs + c * cs);
         for (int v = 0; v < NV; ++v) a[u][v] += w * x[v];
       }
     }
@@ -32,7 +35,7 @@ inline void block_madd(const S* m, int64_t rs, int64_t cs, int bs, const S* xt, 
     V<S> a[NV];
     for (int v = 0; v < NV; ++v) a[v] = vload<S>(acc + r * T + v * L);
     for (int c = 0; c < bs; ++c) {
-      const V<S> w = vsplat<S>(m[r * rs + c * cs]);
+      const V<S> w = vsplat_as<S>(m + r * rs + c * cs);
       for (int v = 0; v < NV; ++v) a[v] += w * vload<S>(xt + c * T + v * L);
     }
     for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + r * T + v * L, &a[v], sizeof(V<S>));
@@ -42,9 +45,10 @@ inline void block_madd(const S* m, int64_t rs, int64_t cs, int bs, const S* xt, 
 // Y (B, n_brows*bs) = X (B, n_bcols*bs) M^T (+ bias) over a block-row structure (rp, idx). With `transposed`
 // the structure is the transpose index (colptr, row, perm) and block t is W's block perm[t] read transposed:
 // that is dX = dY W. split: thread boundaries over block rows.
-template <class S, int NV>
-void bsr_spmm(const S* X, int64_t B, int64_t n_in, const int32_t* rp, const int32_t* idx, const int32_t* perm,
-              const S* val, int bs, int64_t n_brows, const S* bias, S* Y, const int64_t* split, int nt, S* buf,
+// The values are stored as EV: E, or S where the caller widened bf16 values once for all tiles.
+template <class S, class E, class EV, int NV>
+void bsr_spmm(const E* X, int64_t B, int64_t n_in, const int32_t* rp, const int32_t* idx, const int32_t* perm,
+              const EV* val, int bs, int64_t n_brows, const E* bias, E* Y, const int64_t* split, int nt, S* buf,
               S* accbuf) {
   constexpr int T = NV * lanes<S>();
   const int64_t n_out = n_brows * bs;
@@ -58,18 +62,18 @@ void bsr_spmm(const S* X, int64_t B, int64_t n_in, const int32_t* rp, const int3
     int n = 0;
     for (int64_t b0 = 0; b0 < B; b0 += T, ++n) {
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-      transpose_tile_share(X, n_in, b0, tb, T, n_in, tid, nth, Xt[n & 1]);
+      transpose_tile_share<S>(X, n_in, b0, tb, T, n_in, tid, nth, Xt[n & 1]);
 #pragma omp barrier
       const S* xt = Xt[n & 1];
       for (int p = tid; p < nt; p += nth) {
         for (int64_t br = split[p]; br < split[p + 1]; ++br) {
           for (int r = 0; r < bs; ++r)
-            for (int t = 0; t < T; ++t) acc[r * T + t] = bias ? bias[br * bs + r] : S(0);
+            for (int t = 0; t < T; ++t) acc[r * T + t] = bias ? sc::to_compute<S>(bias[br * bs + r]) : S(0);
           for (int64_t k = rp[br]; k < rp[br + 1]; ++k) {
             const int64_t blk = perm ? perm[k] : k;
-            block_madd<S, NV>(val + blk * bsq, rs, cs, bs, xt + int64_t(idx[k]) * bs * T, acc);
+            block_madd<S, EV, NV>(val + blk * bsq, rs, cs, bs, xt + int64_t(idx[k]) * bs * T, acc);
           }
-          store_rows<S>(acc, bs, T, tb, Y, n_out, b0, br * bs);
+          store_rows<S, E>(acc, bs, T, tb, Y, n_out, b0, br * bs);
         }
       }
     }
@@ -80,9 +84,26 @@ void bsr_spmm(const S* X, int64_t B, int64_t n_in, const int32_t* rp, const int3
 // (B x bs) slice is copied once into a contiguous buffer (every block of the row reuses it), and per block X's
 // (B x bs) slice too; the small GEMM then streams contiguous memory: a vector of X's row times 4 broadcast values
 // of dY, 8 FMAs per 2 loads. ybuf, xbuf: B * bs each, per thread.
-template <class S>
-void bsr_sddmm(const S* dY, const S* X, int64_t B, int64_t n_out, int64_t n_in, const int32_t* rp,
-               const int32_t* col, int bs, S* dval, const int64_t* split, int nt, S* ybuf_all, S* xbuf_all) {
+// dst[i] = src[i] for i < n, from the storage type E to the compute type S (a copy for E = S).
+template <class S, class E>
+inline void copy_as(S* dst, const E* src, int n) {
+  if constexpr (std::is_same<E, S>::value) {
+    __builtin_memcpy(dst, src, n * sizeof(S));
+  } else {
+    constexpr int L = lanes<S>();
+    int i = 0;
+    for (; i + L <= n; i += L) {
+      const V<S> v = vload_as<S>(src + i);
+      __builtin_memcpy(dst + i, &v, sizeof(v));
+    }
+    for (; i < n; ++i) dst[i] = sc::to_compute<S>(src[i]);
+  }
+}
+
+// dY, X and dval stored as E (the slices are widened into the S buffers; each dW value is rounded once).
+template <class S, class E>
+void bsr_sddmm(const E* dY, const E* X, int64_t B, int64_t n_out, int64_t n_in, const int32_t* rp,
+               const int32_t* col, int bs, E* dval, const int64_t* split, int nt, S* ybuf_all, S* xbuf_all) {
   constexpr int L = lanes<S>();
   const int64_t bsq = int64_t(bs) * bs;
   const bool vec = bs % (2 * L) == 0;
@@ -93,17 +114,16 @@ void bsr_sddmm(const S* dY, const S* X, int64_t B, int64_t n_out, int64_t n_in, 
     S* xl = xbuf_all + int64_t(tid) * B * bs;
     for (int64_t br = split[p]; br < split[p + 1]; ++br) {
       if (rp[br] == rp[br + 1]) continue;
-      for (int64_t t = 0; t < B; ++t) __builtin_memcpy(yl + t * bs, dY + t * n_out + br * bs, bs * sizeof(S));
+      for (int64_t t = 0; t < B; ++t) copy_as<S>(yl + t * bs, dY + t * n_out + br * bs, bs);
       for (int64_t k = rp[br]; k < rp[br + 1]; ++k) {
-        for (int64_t t = 0; t < B; ++t)
-          __builtin_memcpy(xl + t * bs, X + t * n_in + int64_t(col[k]) * bs, bs * sizeof(S));
-        S* d = dval + k * bsq;
+        for (int64_t t = 0; t < B; ++t) copy_as<S>(xl + t * bs, X + t * n_in + int64_t(col[k]) * bs, bs);
+        E* d = dval + k * bsq;
         if (!vec) {
           for (int a = 0; a < bs; ++a)
             for (int b = 0; b < bs; ++b) {
               S s = 0;
               for (int64_t t = 0; t < B; ++t) s += yl[t * bs + a] * xl[t * bs + b];
-              d[a * bs + b] = s;
+              d[a * bs + b] = sc::from_compute<E>(s);
             }
           continue;
         }
@@ -121,8 +141,8 @@ void bsr_sddmm(const S* dY, const S* X, int64_t B, int64_t n_out, int64_t n_in, 
               }
             }
             for (int u = 0; u < na; ++u) {
-              __builtin_memcpy(d + (a + u) * bs + b, &acc[u][0], sizeof(V<S>));
-              __builtin_memcpy(d + (a + u) * bs + b + L, &acc[u][1], sizeof(V<S>));
+              vstore_as<S>(d + (a + u) * bs + b, acc[u][0]);
+              vstore_as<S>(d + (a + u) * bs + b + L, acc[u][1]);
             }
           }
         }

@@ -9,9 +9,14 @@
 
 #include <unistd.h>
 
+#include "bf16.h"
 #include "common.h"
 #include "dispatch.h"
 #include "scratch.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>  // the bf16 conversions and AVX512-BF16 intrinsics of kernels_impl.h (under each copy's target pragma)
+#endif
 
 #define SC_ISA generic
 #define SC_VBYTES 16
@@ -36,6 +41,18 @@
 #define SC_ISA avx512
 #define SC_VBYTES 64
 #include "kernels_impl.h"
+#undef SC_ISA
+#undef SC_VBYTES
+#pragma GCC pop_options
+// AVX-512 plus AVX512-BF16, for the bf16 kernels only (templates: only what the dispatch below calls is compiled):
+// the SDDMM keeps its tiles in bf16 and takes its dot products with vdpbf16ps (kernels_impl.h, SC_BF16_DOT).
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx512bf16,avx2,fma")
+#define SC_ISA avx512bf16
+#define SC_VBYTES 64
+#define SC_BF16_DOT 1
+#include "kernels_impl.h"
+#undef SC_BF16_DOT
 #undef SC_ISA
 #undef SC_VBYTES
 #pragma GCC pop_options
@@ -86,7 +103,21 @@ static int64_t g_sddmm_block_bytes = default_sddmm_block_bytes();
 // 1000x1000 batch 100 at 4.5%: forward and dX equal, dW 0.76. Two vectors per row also mean one broadcast weight
 // feeds two FMAs, and there are 32 vector registers for the accumulators.
 constexpr int SPMM_MAX_NV = 2;               // every instruction set
-constexpr int SDDMM_MAX_NV[3] = {8, 8, 2};   // generic, AVX2, AVX-512 (indexed by Isa)
+constexpr int SDDMM_MAX_NV[4] = {8, 8, 2, 2};   // generic, AVX2, AVX-512, AVX-512 + BF16 (indexed by Isa)
+//
+// bf16. The tiles stay in bf16 (half the bytes of an fp32 tile: these kernels are bound by reading tile rows from
+// L2), widened to fp32 two vectors per load by integer ops (kernels_impl.h, widen_pairs), or multiplied as bf16 by
+// vdpbf16ps (the SDDMM under avx512bf16). Measured on a 2-core Intel Xeon with AVX512-BF16 and 2 MiB L2 per core,
+// 4096x4096, batch 256, 2 threads, medians of 15-20 interleaved calls, time relative to the fp32 kernel, at 10% / 1%
+// density; the first design, widening into fp32 tiles during the transpose, in brackets:
+//   forward  AVX-512 0.85 / 0.98 (1.04 / 1.05), AVX2 0.93 / 1.03 (1.02 / 1.04)
+//   dX       AVX-512 0.76 / 0.92 (0.94 / 1.00), AVX2 0.86 / 1.01 (0.95 / 1.05)
+//   dW       vdpbf16ps T = 128 rows 0.77 / 0.88 (T = 64: 0.93 / 0.91, T = 32: 0.98 / 0.98);
+//            AVX-512 widened T = 128 0.87 / 0.99 (T = 32: 1.09 / 1.02; fp32 tiles 1.10 / 1.03);
+//            AVX2 widened T = 64 1.02 / 0.96 (fp32 tiles 1.03 / 1.02)
+// So the bf16 SpMMs keep the fp32 tile widths and the bf16 SDDMM takes 8 vectors of fp32 lanes per tile row in
+// every copy: fewer horizontal sums and dW read-modify-writes per entry, the arithmetic being cheaper than fp32's.
+constexpr int BF16_SDDMM_MAX_NV = 8;
 //
 // A batch that is not a multiple of the widest tile goes in chunks of narrower tiles, so that little of the last
 // tile is padding: batch 100 for the SDDMM is 64 + 32 + 4 rows (tiles of 64, 32, 8 rows: 104 computed) instead
@@ -112,10 +143,11 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv) {
   return chunks;
 }
 
-// Calls CALL_<ISA>(NV) for the kernel copy of the instruction set `isa` and the vectors per tile row NV.
+// Calls CALL_<ISA>(NV) for the kernel copy of the instruction set `isa` and the vectors per tile row NV. At
+// ISA_AVX512BF16 the fp32/fp64 kernels (and the bf16 SpMM) run the AVX-512 copy.
 #define SC_DISPATCH_NV(NV, CALL_GEN, CALL_AVX, CALL_512)        \
   do {                                                          \
-    if (isa == ISA_AVX512) {                                    \
+    if (isa >= ISA_AVX512) {                                    \
       if (NV == 1) CALL_512(1); else if (NV == 2) CALL_512(2); else if (NV == 4) CALL_512(4); else CALL_512(8); \
     } else if (isa == ISA_AVX2) {                               \
       if (NV == 1) CALL_AVX(1); else if (NV == 2) CALL_AVX(2); else if (NV == 4) CALL_AVX(4); else CALL_AVX(8); \
@@ -124,39 +156,57 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv) {
     }                                                           \
   } while (0)
 
+// Which copy of each bf16 kernel ran last (an Isa, -1 before the first call), for the tests: they check that the
+// AVX512-BF16 code really runs on a CPU that has it, and that each cap selects the copy it should.
+std::atomic<int> g_bf16_ran[BF16_KERNELS] = {{-1}, {-1}, {-1}, {-1}, {-1}, {-1}};
+const char* const BF16_KERNEL_NAMES[BF16_KERNELS] = {"spmm", "spmm_t", "sddmm", "bsr_spmm", "bsr_spmm_t",
+                                                     "bsr_sddmm"};
+
+// obj as a C-contiguous array of A: a copy where it is strided, but never a conversion from another dtype (bf16
+// arrives as int16 words, which a conversion from float would turn into garbage).
+template <class A>
+static Arr<A> exact_array(const py::object& obj, const char* what) {
+  require(py::isinstance<py::array_t<A>>(obj), std::string(what) + " has the wrong dtype for this kernel");
+  return obj.cast<Arr<A>>();
+}
+
 // Y (B, n_rows) = X (B, n_cols) W^T (+ bias), W in CSR. With perm (the transpose index's permutation) the
 // values are read as values[perm], which turns the call into dX = dY W over (colptr, row, perm).
-template <class S>
-void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col, const Arr<S>& values,
-             py::object perm_obj, py::object bias_obj, Arr<S>& Y, int nthreads) {
+// A: the element type of the arrays as Python hands them over (float, double, or int16: bf16 words).
+template <class A>
+void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col, const Arr<A>& values,
+             py::object perm_obj, py::object bias_obj, Arr<A>& Y, int nthreads) {
+  typedef typename storage_of<A>::type E;  // as the kernels store it: A, or bf16
+  typedef typename compute_of<E>::type S;  // as they compute: float for bf16
   require(X.ndim() == 2 && Y.ndim() == 2, "spmm: X and Y must be 2-D");
   const int64_t B = X.shape(0), n_cols = X.shape(1);
   const int64_t n_rows = numel(rowptr) - 1;
   require(Y.shape(0) == B && Y.shape(1) == n_rows, "spmm: Y must have shape (batch, n_rows)");
   require(numel(col) == numel(values), "spmm: col and values must have the same length");
-  const S* bias = nullptr;
-  Arr<S> bias_arr;
+  const E* bias = nullptr;
+  Arr<A> bias_arr;
   if (!bias_obj.is_none()) {
-    bias_arr = bias_obj.cast<Arr<S>>();
+    bias_arr = exact_array<A>(bias_obj, "spmm: bias");
     require(numel(bias_arr) == n_rows, "spmm: bias must have n_rows elements");
-    bias = bias_arr.data();
+    bias = reinterpret_cast<const E*>(bias_arr.data());
   }
   Arr<int32_t> perm;
   if (!perm_obj.is_none()) {
-    perm = perm_obj.cast<Arr<int32_t>>();
+    perm = exact_array<int32_t>(perm_obj, "spmm: perm");
     require(numel(perm) == numel(values), "spmm: perm must have nnz elements");
   }
   const int nt = clamp_threads(nthreads);
   const int32_t* rp = rowptr.data();
   const int32_t* ci = col.data();
-  const S* xp = X.data();
-  S* yp = Y.mutable_data();
+  const E* xp = reinterpret_cast<const E*>(X.data());
+  E* yp = reinterpret_cast<E*>(Y.mutable_data());
   const int64_t nnz = numel(values);
   const int isa = kernel_isa();
   const int L = isa_vector_bytes(isa) / int(sizeof(S));
   py::gil_scoped_release nogil;
   const int32_t* pe = perm.size() > 0 ? perm.data() : nullptr;
-  const S* val = values.data();
+  if (is_bf16<E>()) g_bf16_ran[pe ? BF16_SPMM_T : BF16_SPMM] = std::min(isa, int(ISA_AVX512));
+  const E* val = reinterpret_cast<const E*>(values.data());
   // values[perm] (nnz) in scratch slot 1. Its reads land at random in `values`: while the values fit in ~1 MiB
   // the kernel's first tile gathers them between its FMAs (free at 1% density of a 4096x4096 layer, where a
   // separate pass cost 0.35 ms); a larger array misses the caches at nearly every read, which stalls that tile
@@ -164,9 +214,9 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   // it will read GATHER_PREFETCH entries later: on a 2-core Zen 4, 10% density, 2 threads, dX 12.3 -> 11.9 ms and
   // 11.7 -> 11.3 ms in two runs of 25 interleaved calls (32 and 128 ahead gave the same; 512, no gain).
   if (B == 0) return;
-  S* gathered = pe ? scratch<S>(1, nnz) : nullptr;
-  if (pe && nnz * int64_t(sizeof(S)) > (1 << 20)) {
-    S* g = gathered;
+  E* gathered = pe ? scratch<E>(1, nnz) : nullptr;
+  if (pe && nnz * int64_t(sizeof(E)) > (1 << 20)) {
+    E* g = gathered;
 #pragma omp parallel for num_threads(nt) schedule(static)
     for (int64_t t = 0; t < nnz; ++t) {
       if (t + GATHER_PREFETCH < nnz) __builtin_prefetch(val + pe[t + GATHER_PREFETCH]);
@@ -177,7 +227,8 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks = batch_chunks(B, L, SPMM_MAX_NV);
-  S* buf = scratch<S>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);  // the first chunk has the widest tiles
+  // The tiles are stored as E (bf16 tiles for bf16, see BF16_SDDMM_MAX_NV); the first chunk has the widest ones.
+  E* buf = scratch<E>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);
   for (const BatchChunk& c : chunks) {
     // Whole tiles per thread once there is one per thread after the gathering tile: no barrier per tile and each
     // thread reads the tile it transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of
@@ -186,12 +237,12 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
     // dX 397 -> 264 us; 1000x1000 at 4.5%, batch 32 (2 tiles): forward 102 -> 65 us, batch 48: dX 212 -> 185 us.
     const int64_t n_tiles = (c.nb + c.nv * L - 1) / (c.nv * L);
     const bool by_tile = g_spmm_split ? g_spmm_split == 2 : nt > 1 && n_tiles - (pe ? 1 : 0) >= nt;
-    const S* xc = xp + c.b0 * n_cols;
-    S* yc = yp + c.b0 * n_rows;
-#define GEN(N) generic::spmm<S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+    const E* xc = xp + c.b0 * n_cols;
+    E* yc = yp + c.b0 * n_rows;
+#define GEN(N) generic::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::spmm<S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
-#define A512(N) avx512::spmm<S, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+#define AVX(N) avx2::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+#define A512(N) avx512::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
 #else
 #define AVX(N) GEN(N)
 #define A512(N) GEN(N)
@@ -207,10 +258,12 @@ void spmm_py(const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   }
 }
 
-// dvalues (nnz,) = (dY^T X) at the live connections of the CSR pattern (rowptr, col).
-template <class S>
-void sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col,
-              Arr<S>& dval, int nthreads) {
+// dvalues (nnz,) = (dY^T X) at the live connections of the CSR pattern (rowptr, col). A: as for spmm_py.
+template <class A>
+void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col,
+              Arr<A>& dval, int nthreads) {
+  typedef typename storage_of<A>::type E;
+  typedef typename compute_of<E>::type S;
   require(X.ndim() == 2 && dY.ndim() == 2, "sddmm: X and dY must be 2-D");
   const int64_t B = X.shape(0), n_cols = X.shape(1);
   const int64_t n_rows = numel(rowptr) - 1;
@@ -219,27 +272,31 @@ void sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr, con
   const int nt = clamp_threads(nthreads);
   const int32_t* rp = rowptr.data();
   const int32_t* ci = col.data();
-  const S* xp = X.data();
-  const S* yp = dY.data();
-  S* dv = dval.mutable_data();
+  const E* xp = reinterpret_cast<const E*>(X.data());
+  const E* yp = reinterpret_cast<const E*>(dY.data());
+  E* dv = reinterpret_cast<E*>(dval.mutable_data());
+  const int64_t nnz = numel(col);
   const int isa = kernel_isa();
   const int L = isa_vector_bytes(isa) / int(sizeof(S));
   py::gil_scoped_release nogil;
+  // bf16 with AVX512-BF16: the dot products by vdpbf16ps (the avx512bf16 copy); else bf16 tiles widened to fp32.
+  const bool bf16_dot = is_bf16<E>() && isa == ISA_AVX512BF16;
+  if (is_bf16<E>()) g_bf16_ran[BF16_SDDMM] = bf16_dot ? isa : std::min(isa, int(ISA_AVX512));
   if (B == 0) {
-    std::fill(dv, dv + numel(col), S(0));
+    std::fill(dv, dv + nnz, sc::from_compute<E>(S(0)));
     return;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  const std::vector<BatchChunk> chunks = batch_chunks(B, L, SDDMM_MAX_NV[isa]);
+  const std::vector<BatchChunk> chunks = batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : SDDMM_MAX_NV[isa]);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
   // streamed dY^T rows), and where each row's entries of each block start. Each (row, block) segment costs a
   // reload of the row's dY^T and a padded tail, so blocks are only used while segments average >= 32 entries
   // (at 1% density of a 4096x4096 layer one block of ~41-entry rows was 8% faster than four ~10-entry ones).
   // Sized for the first chunk's tiles, the widest: the narrower tiles of later chunks fit as well.
-  const int64_t tile_row_bytes = int64_t(chunks[0].nv) * L * int64_t(sizeof(S));
+  const int64_t tile_row_bytes = int64_t(chunks[0].nv) * L * int64_t(sizeof(E));
   const int64_t fit_cols = std::max<int64_t>(1, g_sddmm_block_bytes / tile_row_bytes);
   const int64_t fit_blocks = (n_cols + fit_cols - 1) / fit_cols;
-  const int64_t long_blocks = numel(col) / (32 * std::max<int64_t>(1, n_rows));
+  const int64_t long_blocks = nnz / (32 * std::max<int64_t>(1, n_rows));
   const int64_t n_blocks = std::max<int64_t>(1, std::min(fit_blocks, long_blocks));
   const int64_t block_cols = (n_cols + n_blocks - 1) / n_blocks;
   int32_t* seg = scratch<int32_t>(1, n_rows * (n_blocks + 1));
@@ -255,24 +312,41 @@ void sddmm_py(const Arr<S>& dY, const Arr<S>& X, const Arr<int32_t>& rowptr, con
   // transposing all of X, so it is used while that stays small next to the thread's share of the arithmetic
   // (n_cols * nt <= nnz / 8). Measured on a 2-core Zen 3, 2 threads: 4096x4096 batch 256, 1% density 4.0 -> 2.9
   // ms; 1000x1000 at 4.5%, batch 100: 404 -> 311 us; 10%: equal. Results are bit-identical either way.
-  const bool private_tiles = g_sddmm_tiles ? g_sddmm_tiles == 2 : nt > 1 && n_cols * nt * 8 <= numel(col);
-  S* buf = scratch<S>(0, (private_tiles ? std::max(2, nt) : 2) * (n_cols + n_rows) * chunks[0].nv * L);
-  for (const BatchChunk& c : chunks) {  // the first chunk writes dW, the others add to it
-    const S* yc = yp + c.b0 * n_rows;
-    const S* xc = xp + c.b0 * n_cols;
-    const bool accumulate = c.b0 > 0;
-#define GEN(N) generic::sddmm<S, N>(yc, xc, c.nb, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf, accumulate, private_tiles)
+  const bool private_tiles = g_sddmm_tiles ? g_sddmm_tiles == 2 : nt > 1 && n_cols * nt * 8 <= nnz;
+  E* buf = scratch<E>(0, (private_tiles ? std::max(2, nt) : 2) * (n_cols + n_rows) * chunks[0].nv * L);
+  // The partial sums: dW itself for fp32/fp64; for bf16 an fp32 array (scratch slot 2) that the last tile of the
+  // last chunk reads as it writes dW, rounded once. A batch of one tile needs none.
+  const bool one_tile = chunks.size() == 1 && chunks[0].nb <= int64_t(chunks[0].nv) * L;
+  S* dacc = is_bf16<E>() ? (one_tile ? nullptr : scratch<S>(2, nnz)) : reinterpret_cast<S*>(dv);
+  for (size_t ic = 0; ic < chunks.size(); ++ic) {  // the first chunk writes dW, the others add to it
+    const BatchChunk& c = chunks[ic];
+    const E* yc = yp + c.b0 * n_rows;
+    const E* xc = xp + c.b0 * n_cols;
+    const bool accumulate = c.b0 > 0, finish = ic + 1 == chunks.size();
+#define SC_SDDMM_ARGS (yc, xc, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, buf, accumulate, finish, private_tiles)
+#define GEN(N) generic::sddmm<S, E, E, N> SC_SDDMM_ARGS
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::sddmm<S, N>(yc, xc, c.nb, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf, accumulate, private_tiles)
-#define A512(N) avx512::sddmm<S, N>(yc, xc, c.nb, n_rows, n_cols, rp, ci, dv, split.data(), nt, n_blocks, seg, buf, accumulate, private_tiles)
+#define AVX(N) avx2::sddmm<S, E, E, N> SC_SDDMM_ARGS
+#define A512(N) avx512::sddmm<S, E, E, N> SC_SDDMM_ARGS
+#define B512(N) avx512bf16::sddmm<S, E, E, N> SC_SDDMM_ARGS
 #else
 #define AVX(N) GEN(N)
 #define A512(N) GEN(N)
+#endif
+#ifdef SC_HAVE_AVX2
+    if constexpr (is_bf16<E>()) {
+      if (bf16_dot) {
+        if (c.nv == 1) B512(1); else if (c.nv == 2) B512(2); else if (c.nv == 4) B512(4); else B512(8);
+        continue;
+      }
+    }
 #endif
     SC_DISPATCH_NV(c.nv, GEN, AVX, A512);
 #undef GEN
 #undef AVX
 #undef A512
+#undef B512
+#undef SC_SDDMM_ARGS
   }
 }
 
@@ -283,12 +357,22 @@ void bind_kernels(py::module_& m) {
   m.def("spmm", &spmm_py<double>, py::arg("x").noconvert(), py::arg("rowptr").noconvert(),
         py::arg("col").noconvert(), py::arg("values").noconvert(), py::arg("perm"), py::arg("bias"),
         py::arg("out").noconvert(), py::arg("nthreads"));
+  m.def("spmm_bf16", &spmm_py<int16_t>, py::arg("x").noconvert(), py::arg("rowptr").noconvert(),
+        py::arg("col").noconvert(), py::arg("values").noconvert(), py::arg("perm"), py::arg("bias"),
+        py::arg("out").noconvert(), py::arg("nthreads"),
+        "spmm on bfloat16 data: x, values, bias and out are int16 views of bf16 tensors (fp32 accumulation, each "
+        "output rounded to nearest even)");
   m.def("sddmm", &sddmm_py<float>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
         py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("out").noconvert(),
         py::arg("nthreads"));
   m.def("sddmm", &sddmm_py<double>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
         py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("out").noconvert(),
         py::arg("nthreads"));
+  m.def("sddmm_bf16", &sddmm_py<int16_t>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
+        py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("out").noconvert(),
+        py::arg("nthreads"),
+        "sddmm on bfloat16 data: dy, x and out are int16 views of bf16 tensors (fp32 accumulation over the whole "
+        "batch, each output rounded once to nearest even)");
   m.def("_set_tile_vectors", [](int nv) { g_nv_override = nv; }, "tuning hook: vectors per batch tile (0 = auto)");
   m.def("_set_spmm_split", [](int mode) { g_spmm_split = mode; },
         "tuning hook: SpMM work split (0 = automatic, 1 = rows of each tile, 2 = whole tiles per thread)");
@@ -300,11 +384,22 @@ void bind_kernels(py::module_& m) {
   m.def("_set_sddmm_tiles", [](int mode) { g_sddmm_tiles = mode; },
         "tuning hook: SDDMM tile buffers (0 = automatic, 1 = shared by the threads, 2 = one per thread)");
   m.def("kernel_isa", [] { return std::string(isa_name(kernel_isa())); },
-        "the instruction set the CSR kernels run with: 'generic', 'avx2' or 'avx512'");
+        "the instruction set the kernels may use: 'generic', 'avx2', 'avx512' or 'avx512bf16' (the fp32/fp64 "
+        "kernels run their avx512 copy there; the bf16 SDDMM uses AVX512-BF16)");
   m.def("cpu_isa", [] { return std::string(isa_name(cpu_isa())); },
         "the widest instruction set this CPU supports among those the kernels are compiled for");
   m.def("_set_max_isa", [](const std::string& name) { max_isa() = isa_from_name(name); },
-        "testing hook: the widest instruction set the kernels may use ('generic', 'avx2' or 'avx512')");
+        "testing hook: the widest instruction set the kernels may use ('generic', 'avx2', 'avx512', 'avx512bf16')");
+  m.def("_bf16_copies_run", [] {
+          py::dict d;
+          for (int k = 0; k < BF16_KERNELS; ++k) {
+            const int isa = g_bf16_ran[k].load();
+            d[BF16_KERNEL_NAMES[k]] = isa < 0 ? py::object(py::none()) : py::object(py::str(isa_name(isa)));
+          }
+          return d;
+        },
+        "testing hook: {kernel: the copy ('generic', 'avx2', 'avx512', 'avx512bf16') its last bf16 call ran, or "
+        "None}; 'avx512bf16' means the AVX512-BF16 instructions ran");
 }
 
 }  // namespace sc

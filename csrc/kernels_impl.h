@@ -8,6 +8,11 @@
 // one live connection is then a broadcast weight times NV contiguous vectors: no gathers, no atomics.
 // Threads split the CSR rows into blocks of equal nnz (the SDDMM, and the SpMM with few tiles) or take whole
 // batch tiles each (the SpMM with at least a tile per thread); either way no two threads write one output.
+//
+// bfloat16. The same templates run on bf16 data (storage type E = sc::bf16, compute type S = float): the tiles
+// hold bf16 (widened to fp32 where they are read, or multiplied by vdpbf16ps in the avx512bf16 copy, SC_BF16_DOT),
+// every sum is in fp32, and each output is rounded once to nearest even where it is stored. x86 copies use a few
+// intrinsics for the bf16 loads (immintrin.h, included by the .cpp files).
 
 namespace SC_ISA {
 
@@ -22,12 +27,104 @@ constexpr int lanes() { return SC_VBYTES / static_cast<int>(sizeof(S)); }
 
 template <class S>
 inline V<S> vload(const S* p) { V<S> v; __builtin_memcpy(&v, p, sizeof(v)); return v; }
+
+// Storage and compute types. The kernels compute in S (float or double) and read and write their operands in a
+// storage type E: E = S, or E = sc::bf16 with S = float. With E = S the conversions below are plain loads and
+// stores, so the fp32/fp64 kernels compile to what they were before bf16 existed.
+
+// L bf16 values zero-extended into the 32-bit lanes of one vector (vpmovzxwd). GCC 12 compiles the portable
+// __builtin_convertvector of this into two half-width zero-extends and an insert, so x86 gets the intrinsic.
+template <class U>
+inline U zext_bf16(const sc::bf16* p) {
+  U u;
+#if defined(__x86_64__) && SC_VBYTES == 64
+  // (the maskz form: the plain one trips GCC 12's -Wuninitialized in its own header)
+  const __m512i z = _mm512_maskz_cvtepu16_epi32(__mmask16(0xFFFF), _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  __builtin_memcpy(&u, &z, sizeof(u));
+#elif defined(__x86_64__) && SC_VBYTES == 32
+  const __m256i z = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  __builtin_memcpy(&u, &z, sizeof(u));
+#else
+  typedef uint16_t H __attribute__((vector_size(SC_VBYTES / 2)));
+  H h;
+  __builtin_memcpy(&h, p, sizeof(h));
+  u = __builtin_convertvector(h, U);
+#endif
+  return u;
+}
+
+// The low 16 bits of each 32-bit lane of u, stored as L bf16 (vpmovdw / vpackusdw).
+template <class U>
+inline void narrow_bf16(sc::bf16* p, U u) {
+  typedef uint16_t H __attribute__((vector_size(SC_VBYTES / 2)));
+  const H h = __builtin_convertvector(u & 0xFFFFu, H);
+  __builtin_memcpy(p, &h, sizeof(h));
+}
+
+// One vector of S (L lanes) from L consecutive values of E: bf16 widens to fp32 by a 16-bit shift (exact).
+template <class S, class E>
+inline V<S> vload_as(const E* p) {
+  if constexpr (std::is_same<E, S>::value) {
+    return vload<S>(p);
+  } else {
+    static_assert(sc::is_bf16<E>() && std::is_same<S, float>::value, "storage types: S itself, or bf16 for float");
+    typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+    const U u = zext_bf16<U>(p) << 16;
+    V<S> v;
+    __builtin_memcpy(&v, &u, sizeof(v));
+    return v;
+  }
+}
+
+// L lanes of an fp32 vector rounded to bf16 (nearest, ties to even; NaN kept and quieted): sc::float_to_bf16 on
+// every lane, in integer vector arithmetic.
+template <class U>
+inline U round_bf16_lanes(U u) {
+  const U r = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  const U nan = (U)((u & 0x7FFFFFFFu) > 0x7F800000u);  // all ones in the NaN lanes
+  return (r & ~nan) | (((u >> 16) | 0x40u) & nan);
+}
+
+// Stores one vector of S as L consecutive values of E (rounded to nearest even for bf16).
+template <class S, class E>
+inline void vstore_as(E* p, V<S> v) {
+  if constexpr (std::is_same<E, S>::value) {
+    __builtin_memcpy(p, &v, sizeof(v));
+  } else {
+    static_assert(sc::is_bf16<E>() && std::is_same<S, float>::value, "storage types: S itself, or bf16 for float");
+    typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+    U u;
+    __builtin_memcpy(&u, &v, sizeof(u));
+    narrow_bf16(p, round_bf16_lanes(u));
+  }
+}
+
 // Every lane = s, written as a brace initialiser so that it compiles to one broadcast. (Not `V<S>{} + s`: IEEE
 // -0.0 + 0.0 = +0.0 forces a real add; not a loop over lanes: that can become a chain of lane inserts.)
 template <class S, std::size_t... I>
 inline V<S> vsplat_impl(S s, std::index_sequence<I...>) { return V<S>{((void)I, s)...}; }
 template <class S>
 inline V<S> vsplat(S s) { return vsplat_impl<S>(s, std::make_index_sequence<lanes<S>()>{}); }
+
+// Every lane = the value at p, as S. A bf16 is broadcast as a 16-bit word to every half of every 32-bit lane and
+// shifted into the high halves (vpbroadcastw + vpslld: the scalar route, movzx + shl + vmovd + vbroadcastss, costs
+// two more uops on the shuffle port that the broadcast of an fp32 from memory does not use).
+template <class S, class E>
+inline V<S> vsplat_as(const E* p) {
+  if constexpr (std::is_same<E, S>::value) {
+    return vsplat<S>(*p);
+  } else {
+    typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+    const V<uint16_t> h = vsplat<uint16_t>(p->bits);
+    U u;
+    __builtin_memcpy(&u, &h, sizeof(u));
+    u <<= 16;
+    V<S> v;
+    __builtin_memcpy(&v, &u, sizeof(v));
+    return v;
+  }
+}
+
 #if defined(__clang__)
 #define SC_SHUF(a, b, ...) __builtin_shufflevector(a, b, __VA_ARGS__)
 #else
@@ -56,6 +153,67 @@ inline V<S> bfly_impl(V<S> a, V<S> b, std::index_sequence<I...>) {
 template <class S, int W, bool HI>
 inline V<S> bfly(V<S> a, V<S> b) {
   return bfly_impl<S, W, HI>(a, b, std::make_index_sequence<lanes<S>()>{});
+}
+
+// bf16 tile rows widened without a shuffle. Seen as 32-bit lanes, a vector of 2L bf16 holds element 2i in the
+// low half of lane i and element 2i+1 in the high half, so `<< 16` turns lane i into the fp32 of element 2i and
+// `& 0xFFFF0000` into that of element 2i+1: two integer ops for 2L values (__builtin_convertvector to 32-bit
+// lanes costs GCC 12 five shuffles per 16). The even and odd elements land in separate vectors, a permutation that
+// a dot product ignores and that the SpMM undoes once per output row (interleave_pairs).
+template <class S>
+inline void widen_pairs(const sc::bf16* p, V<S>& even, V<S>& odd) {
+  typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+  U u;
+  __builtin_memcpy(&u, p, sizeof(u));
+  const U e = u << 16, o = u & 0xFFFF0000u;
+  __builtin_memcpy(&even, &e, sizeof(even));
+  __builtin_memcpy(&odd, &o, sizeof(odd));
+}
+
+template <int L, bool HI>
+constexpr int pair_lane(int c) { return (HI ? L / 2 : 0) + c / 2 + (c & 1 ? L : 0); }
+template <class S, bool HI, std::size_t... I>
+inline V<S> interleave_impl(V<S> a, V<S> b, std::index_sequence<I...>) {
+  constexpr int L = lanes<S>();
+#if defined(__clang__)
+  return __builtin_shufflevector(a, b, pair_lane<L, HI>(int(I))...);
+#else
+  typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type IE;
+  typedef IE IV __attribute__((vector_size(SC_VBYTES)));
+  return __builtin_shuffle(a, b, IV{pair_lane<L, HI>(int(I))...});
+#endif
+}
+// even = elements 0, 2, .., 2L-2 and odd = 1, 3, .., 2L-1 of 2L values (as widen_pairs leaves them) -> the values
+// in order: even = elements 0..L-1, odd = L..2L-1.
+template <class S>
+inline void interleave_pairs(V<S>& even, V<S>& odd) {
+  const V<S> lo = interleave_impl<S, false>(even, odd, std::make_index_sequence<lanes<S>()>{});
+  const V<S> hi = interleave_impl<S, true>(even, odd, std::make_index_sequence<lanes<S>()>{});
+  even = lo;
+  odd = hi;
+}
+
+// a[v] += w * (tile row x)[v] for the NV vectors of a tile row stored as TE. bf16 rows with NV even are widened by
+// pairs, so a[2z] and a[2z+1] then hold the even and odd batch rows of the z-th 2L rows (see widen_pairs).
+template <class S, class TE, int NV>
+inline void tile_row_fma(V<S>* a, V<S> w, const TE* x) {
+  constexpr int L = lanes<S>();
+  if constexpr (sc::is_bf16<TE>() && NV % 2 == 0) {
+    for (int z = 0; z < NV / 2; ++z) {
+      V<S> e, o;
+      widen_pairs<S>(x + z * 2 * L, e, o);
+      a[2 * z] += w * e;
+      a[2 * z + 1] += w * o;
+    }
+  } else {
+    for (int v = 0; v < NV; ++v) a[v] += w * vload_as<S>(x + v * L);
+  }
+}
+// Accumulators filled by tile_row_fma back in batch order.
+template <class S, class TE, int NV>
+inline void tile_row_order(V<S>* a) {
+  if constexpr (sc::is_bf16<TE>() && NV % 2 == 0)
+    for (int z = 0; z < NV / 2; ++z) interleave_pairs<S>(a[2 * z], a[2 * z + 1]);
 }
 
 // r[i] <- column i of the L x L block whose rows were r: the butterfly steps of width W, 2W, ..., L/2.
@@ -130,14 +288,40 @@ inline V4<S> reduce4(const V<S>* s) {
 // dst[c*ldd + r] = src[r*lds + c] for r, c < L: an L x L transpose in registers. Moving data in L x L blocks
 // keeps at most L source and L destination cache lines live, which matters: the rows of a (batch, features)
 // tensor are often a power of two apart and would otherwise all fall into the same L1 set.
-template <class S>
-inline void transpose_LxL(const S* src, int64_t lds, S* dst, int64_t ldd) {
+// The source and destination may be stored as bf16 (ES, ED): converted on load and rounded on store.
+// bf16 to bf16 moves the 16-bit words as they are (zero-extended to 32-bit lanes for the shuffles, truncated on the
+// way out), without converting them.
+template <class S, class ED>
+inline void transpose_store(ED* p, V<S> v, bool raw) {
+  if constexpr (sc::is_bf16<ED>()) {
+    if (raw) {
+      typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+      U u;
+      __builtin_memcpy(&u, &v, sizeof(u));
+      narrow_bf16(p, u);
+      return;
+    }
+  }
+  vstore_as<S>(p, v);
+}
+
+template <class S, class ES, class ED>
+inline void transpose_LxL(const ES* src, int64_t lds, ED* dst, int64_t ldd) {
   constexpr int L = lanes<S>();
+  constexpr bool RAW = sc::is_bf16<ES>() && sc::is_bf16<ED>();
   V<S> r[L];
-  for (int i = 0; i < L; ++i) r[i] = vload<S>(src + i * lds);
+  for (int i = 0; i < L; ++i) {
+    if constexpr (RAW) {
+      typedef uint32_t U __attribute__((vector_size(SC_VBYTES)));
+      const U u = zext_bf16<U>(src + i * lds);
+      __builtin_memcpy(&r[i], &u, sizeof(u));
+    } else {
+      r[i] = vload_as<S>(src + i * lds);
+    }
+  }
   if constexpr (SC_VBYTES == 64) {
     transpose_regs<S, 1>(r);
-    for (int c = 0; c < L; ++c) __builtin_memcpy(dst + c * ldd, &r[c], sizeof(r[c]));
+    for (int c = 0; c < L; ++c) transpose_store<S>(dst + c * ldd, r[c], RAW);
   } else if constexpr (L == 8) {
     typedef int32_t IV __attribute__((vector_size(32)));
     V<S> t[8], u[8];
@@ -154,8 +338,8 @@ inline void transpose_LxL(const S* src, int64_t lds, S* dst, int64_t ldd) {
     for (int c = 0; c < 4; ++c) {
       const V<S> lo = SC_SHUF(u[c], u[c + 4], 0, 1, 2, 3, 8, 9, 10, 11);
       const V<S> hi = SC_SHUF(u[c], u[c + 4], 4, 5, 6, 7, 12, 13, 14, 15);
-      __builtin_memcpy(dst + c * ldd, &lo, sizeof(lo));
-      __builtin_memcpy(dst + (c + 4) * ldd, &hi, sizeof(hi));
+      transpose_store<S>(dst + c * ldd, lo, RAW);
+      transpose_store<S>(dst + (c + 4) * ldd, hi, RAW);
     }
   } else if constexpr (L == 4) {
     typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type IE;
@@ -164,49 +348,52 @@ inline void transpose_LxL(const S* src, int64_t lds, S* dst, int64_t ldd) {
     const V<S> t2 = SC_SHUF(r[2], r[3], 0, 4, 2, 6), t3 = SC_SHUF(r[2], r[3], 1, 5, 3, 7);
     const V<S> o[4] = {SC_SHUF(t0, t2, 0, 1, 4, 5), SC_SHUF(t1, t3, 0, 1, 4, 5), SC_SHUF(t0, t2, 2, 3, 6, 7),
                        SC_SHUF(t1, t3, 2, 3, 6, 7)};
-    for (int c = 0; c < 4; ++c) __builtin_memcpy(dst + c * ldd, &o[c], sizeof(o[c]));
+    for (int c = 0; c < 4; ++c) transpose_store<S>(dst + c * ldd, o[c], RAW);
   } else {
     for (int i = 0; i < L; ++i)
-      for (int c = 0; c < L; ++c) dst[c * ldd + i] = r[i][c];
+      for (int c = 0; c < L; ++c) dst[c * ldd + i] = sc::from_compute<ED>(r[i][c]);
   }
 }
 
 // Xt[i*T + t] = X[(b0+t)*ldx + i] for i in [i0, i1), t < tb; lanes t >= tb are zero.
 // Blocks of L source rows are swept along the features, so only L source lines are live at a time.
-template <class S>
-inline void transpose_tile(const S* X, int64_t ldx, int64_t b0, int tb, int T, int64_t i0, int64_t i1, S* Xt) {
+// X is stored as E and the tile Xt as TE: the compute type S, or bf16 (from bf16: a copy, exact either way).
+template <class S, class E, class TE>
+inline void transpose_tile(const E* X, int64_t ldx, int64_t b0, int tb, int T, int64_t i0, int64_t i1, TE* Xt) {
   constexpr int L = lanes<S>();
   const int tfull = tb - tb % L;
   const int64_t ifull = i0 + (i1 - i0) / L * L;
   for (int t = 0; t < tfull; t += L)
     for (int64_t i = i0; i < ifull; i += L) transpose_LxL<S>(X + (b0 + t) * ldx + i, ldx, Xt + i * T + t, T);
   for (int64_t i = i0; i < i1; ++i) {
-    for (int t = (i < ifull ? tfull : 0); t < tb; ++t) Xt[i * T + t] = X[(b0 + t) * ldx + i];
-    for (int t = tb; t < T; ++t) Xt[i * T + t] = S(0);
+    for (int t = (i < ifull ? tfull : 0); t < tb; ++t)
+      Xt[i * T + t] = sc::from_compute<TE>(sc::to_compute<S>(X[(b0 + t) * ldx + i]));
+    for (int t = tb; t < T; ++t) Xt[i * T + t] = sc::from_compute<TE>(S(0));
   }
 }
 
 // This thread's share (features [i0, i1) of an even split) of the tile transpose that all threads then read.
-template <class S>
-inline void transpose_tile_share(const S* X, int64_t ldx, int64_t b0, int tb, int T, int64_t n, int tid, int nth,
-                                 S* Xt) {
+template <class S, class E, class TE>
+inline void transpose_tile_share(const E* X, int64_t ldx, int64_t b0, int tb, int T, int64_t n, int tid, int nth,
+                                 TE* Xt) {
   const int64_t per = (n + nth - 1) / nth;
   const int64_t i0 = tid * per < n ? tid * per : n;
   const int64_t i1 = i0 + per < n ? i0 + per : n;
-  transpose_tile(X, ldx, b0, tb, T, i0, i1, Xt);
+  transpose_tile<S>(X, ldx, b0, tb, T, i0, i1, Xt);
 }
 
 // Y[(b0+t)*ldy + j0 + r] = ob[r*T + t] for r < nr, t < tb: write finished rows of a tile back to (batch, out),
-// L batch rows at a time (the same cache-set argument as transpose_tile).
-template <class S>
-inline void store_rows(const S* ob, int nr, int T, int tb, S* Y, int64_t ldy, int64_t b0, int64_t j0) {
+// L batch rows at a time (the same cache-set argument as transpose_tile). Y stored as bf16: each value is rounded
+// once, here.
+template <class S, class E>
+inline void store_rows(const S* ob, int nr, int T, int tb, E* Y, int64_t ldy, int64_t b0, int64_t j0) {
   constexpr int L = lanes<S>();
   const int tfull = tb - tb % L;
   const int rfull = nr - nr % L;
   for (int t = 0; t < tfull; t += L)
     for (int r = 0; r < rfull; r += L) transpose_LxL<S>(ob + r * T + t, T, Y + (b0 + t) * ldy + j0 + r, ldy);
   for (int t = 0; t < tb; ++t) {
-    for (int r = (t < tfull ? rfull : 0); r < nr; ++r) Y[(b0 + t) * ldy + j0 + r] = ob[r * T + t];
+    for (int r = (t < tfull ? rfull : 0); r < nr; ++r) Y[(b0 + t) * ldy + j0 + r] = sc::from_compute<E>(ob[r * T + t]);
   }
 }
 
@@ -217,17 +404,20 @@ constexpr int ROW_BLOCK = 64;
 // With GATHER, the weights are values[perm[k]] (the transposed SpMM of dX) and are also copied to gval[k] for
 // the later tiles. The copy runs GATHER_AHEAD entries ahead of the arithmetic, four per iteration, so its random
 // reads of `values` overlap the FMAs instead of costing a separate pass.
+//
+// E: the storage type of values, gval, bias and Y (S, or bf16 with S = float: each weight is widened where it is
+// broadcast, and each output rounded once, in store_rows). TE: that of the tile Xt (S, or bf16, widened on load).
 constexpr int64_t GATHER_AHEAD = 64;
 
-template <class S, int NV, bool GATHER>
-inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, const int32_t* perm, S* gval,
-                      const S* Xt, const S* bias, S* Y, int64_t ldy, int64_t b0, int tb, int64_t r0, int64_t r1) {
+template <class S, class E, class TE, int NV, bool GATHER>
+inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, const int32_t* perm, E* gval,
+                      const TE* Xt, const E* bias, E* Y, int64_t ldy, int64_t b0, int tb, int64_t r0, int64_t r1) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
   alignas(64) S ob[ROW_BLOCK * T];  // outputs of up to ROW_BLOCK consecutive rows, stored together
   int nr = 0;
   int64_t j0 = r0;
-  const S* val = GATHER ? gval : values;
+  const E* val = GATHER ? gval : values;
   int64_t gk = rp[r0];  // next entry to gather
   const int64_t gend = rp[r1];
   for (int64_t j = r0; j < r1; ++j) {
@@ -255,31 +445,30 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, co
         for (int u = 0; u < U / 2; ++u) __builtin_memcpy(&cc[u], col + k + 2 * u, 8);
       for (int u = 0; u < U; ++u) {
         const uint64_t ci = (u & 1) ? (cc[u / 2] >> 32) : static_cast<uint32_t>(cc[u / 2]);
-        const S* x = Xt + static_cast<int64_t>(ci) * T;
-        const V<S> w = vsplat<S>(val[k + u]);
-        for (int v = 0; v < NV; ++v) acc[u][v] += w * vload<S>(x + v * L);
+        const TE* x = Xt + static_cast<int64_t>(ci) * T;
+        tile_row_fma<S, TE, NV>(acc[u], vsplat_as<S>(val + k + u), x);
       }
     }
     V<S>* a = acc[0];
     for (; k < e; ++k) {
-      const S* x0 = Xt + static_cast<int64_t>(col[k]) * T;
-      const V<S> w0 = vsplat<S>(val[k]);
-      for (int v = 0; v < NV; ++v) a[v] += w0 * vload<S>(x0 + v * L);
+      const TE* x0 = Xt + static_cast<int64_t>(col[k]) * T;
+      tile_row_fma<S, TE, NV>(a, vsplat_as<S>(val + k), x0);
     }
     for (int u = 1; u < U; ++u)
       for (int v = 0; v < NV; ++v) a[v] += acc[u][v];
-    const S b = bias ? bias[j] : S(0);
+    tile_row_order<S, TE, NV>(a);
+    const S b = bias ? sc::to_compute<S>(bias[j]) : S(0);
     for (int v = 0; v < NV; ++v) {
       const V<S> o = a[v] + b;
       __builtin_memcpy(ob + nr * T + v * L, &o, sizeof(o));
     }
     if (++nr == ROW_BLOCK) {
-      store_rows<S>(ob, nr, T, tb, Y, ldy, b0, j0);
+      store_rows<S, E>(ob, nr, T, tb, Y, ldy, b0, j0);
       nr = 0;
       j0 = j + 1;
     }
   }
-  if (nr) store_rows<S>(ob, nr, T, tb, Y, ldy, b0, j0);
+  if (nr) store_rows<S, E>(ob, nr, T, tb, Y, ldy, b0, j0);
 }
 
 // Y (B, n_rows) = X (B, n_cols) W^T + bias, W in CSR (rp, col, values). split: nt+1 row boundaries.
@@ -292,9 +481,10 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const S* values, co
 // the one it wrote (in its own L2). With by_tile, n_whole tiles (a multiple of the thread count) go whole and the
 // others by rows: the first one when it gathers gval for the rest, and the last n_tiles - n_whole - head ones, so
 // that every thread gets the same share.
-template <class S, int NV>
-void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_t* col, const S* values,
-          const int32_t* perm, S* gval, int64_t n_rows, const S* bias, S* Y, const int64_t* split, int nt, S* buf,
+// X, values, gval, bias and Y are stored as E, the tile buffers buf as TE (see spmm_rows).
+template <class S, class E, class TE, int NV>
+void spmm(const E* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_t* col, const E* values,
+          const int32_t* perm, E* gval, int64_t n_rows, const E* bias, E* Y, const int64_t* split, int nt, TE* buf,
           bool by_tile) {
   constexpr int T = NV * lanes<S>();
   const int64_t n_tiles = (B + T - 1) / T;
@@ -302,7 +492,7 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
   const int64_t n_whole = by_tile ? (n_tiles - head) / nt * nt : 0;      // then [head, head + n_whole) whole
   // By rows: two tile buffers, so that a thread may transpose tile n+1 while another still reads tile n.
   // Whole tiles: one buffer per thread (buf holds max(2, nt) of them).
-  S* Xt[2] = {buf, buf + n_cols * T};
+  TE* Xt[2] = {buf, buf + n_cols * T};
   std::atomic<int64_t> next_tile{head};
 #pragma omp parallel num_threads(nt)
   {
@@ -310,18 +500,18 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
     auto tile_by_rows = [&](int64_t n) {
       const int64_t b0 = n * T;
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-      transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
+      transpose_tile_share<S>(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
 #pragma omp barrier
       for (int p = tid; p < nt; p += nth) {
         if (!perm)
-          spmm_rows<S, NV, false>(rp, col, values, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
-                                  split[p + 1]);
+          spmm_rows<S, E, TE, NV, false>(rp, col, values, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb,
+                                     split[p], split[p + 1]);
         else if (n == 0)
-          spmm_rows<S, NV, true>(rp, col, values, perm, gval, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
-                                 split[p + 1]);
+          spmm_rows<S, E, TE, NV, true>(rp, col, values, perm, gval, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
+                                        split[p + 1]);
         else
-          spmm_rows<S, NV, false>(rp, col, gval, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
-                                  split[p + 1]);
+          spmm_rows<S, E, TE, NV, false>(rp, col, gval, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb,
+                                     split[p], split[p + 1]);
       }
     };
     for (int64_t n = 0; n < head; ++n) tile_by_rows(n);
@@ -330,13 +520,13 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
       if (head > 0) {
 #pragma omp barrier
       }
-      S* xt = buf + static_cast<int64_t>(tid) * n_cols * T;
-      const S* val = perm ? gval : values;
+      TE* xt = buf + static_cast<int64_t>(tid) * n_cols * T;
+      const E* val = perm ? gval : values;
       for (int64_t n; (n = next_tile.fetch_add(1, std::memory_order_relaxed)) < head + n_whole;) {
         const int64_t b0 = n * T;
         const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-        transpose_tile(X, n_cols, b0, tb, T, 0, n_cols, xt);
-        spmm_rows<S, NV, false>(rp, col, val, nullptr, nullptr, xt, bias, Y, n_rows, b0, tb, 0, n_rows);
+        transpose_tile<S>(X, n_cols, b0, tb, T, 0, n_cols, xt);
+        spmm_rows<S, E, TE, NV, false>(rp, col, val, nullptr, nullptr, xt, bias, Y, n_rows, b0, tb, 0, n_rows);
       }
       // The tail tiles reuse the shared buffers, which overlap the per-thread ones.
       if (head + n_whole < n_tiles) {
@@ -347,46 +537,123 @@ void spmm(const S* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
   }
 }
 
-// <dy, Xt[c]> as one vector of partial sums (two accumulators: one FMA chain would be latency bound).
-template <class S, int NV>
-inline V<S> dot_partial(const V<S>* dy, const S* x) {
-  constexpr int L = lanes<S>();
-  V<S> a = dy[0] * vload<S>(x), c = V<S>{};
-  for (int v = 1; v < NV; v += 2) {
-    c += dy[v] * vload<S>(x + v * L);
-    if (v + 1 < NV) a += dy[v + 1] * vload<S>(x + (v + 1) * L);
+// One row of the transposed dY tile (T = NV * lanes batch rows), held in registers for the dot products of its
+// row's entries with rows of the X tile. The tiles are stored as TE: S, or bf16 (widened to fp32 on load).
+// bf16 rows (NV even) are widened by pairs (widen_pairs): both operands get the same permutation of the batch
+// rows, which the dot product does not see.
+template <class S, class TE, int NV>
+struct DyRow {
+  static constexpr int L = lanes<S>();
+  static constexpr bool PAIRS = sc::is_bf16<TE>() && NV % 2 == 0;
+  V<S> v[NV];
+  void load(const TE* p) {
+    if constexpr (PAIRS)
+      for (int z = 0; z < NV / 2; ++z) widen_pairs<S>(p + z * 2 * L, v[2 * z], v[2 * z + 1]);
+    else
+      for (int i = 0; i < NV; ++i) v[i] = vload_as<S>(p + i * L);
   }
-  return a + c;
+  // <dy, x> as one vector of partial sums (two accumulators: one FMA chain would be latency bound).
+  V<S> dot(const TE* x) const {
+    if constexpr (PAIRS) {
+      V<S> a = V<S>{}, c = V<S>{};
+      for (int z = 0; z < NV / 2; ++z) {
+        V<S> e, o;
+        widen_pairs<S>(x + z * 2 * L, e, o);
+        a += v[2 * z] * e;
+        c += v[2 * z + 1] * o;
+      }
+      return a + c;
+    } else {
+      V<S> a = v[0] * vload_as<S>(x), c = V<S>{};
+      for (int i = 1; i < NV; i += 2) {
+        c += v[i] * vload_as<S>(x + i * L);
+        if (i + 1 < NV) a += v[i + 1] * vload_as<S>(x + (i + 1) * L);
+      }
+      return a + c;
+    }
+  }
+};
+
+#ifdef SC_BF16_DOT
+// bf16 tiles with AVX512-BF16: vdpbf16ps multiplies 32 bf16 pairs and adds each adjacent pair of products into
+// one of 16 fp32 lanes, so one instruction does the dot product of 32 batch rows (two FMAs and two 64-byte loads
+// with fp32 tiles) and a tile row is one 64-byte vector (T = 32) instead of two. The instruction rounds each add
+// to nearest even in fp32, like the FMAs, but treats denormal inputs as zero and flushes denormal results: a
+// difference below 2^-126 in absolute terms, far inside the fp32 accumulation error of any dW entry that is not
+// itself that small.
+template <int NV>
+struct DyRow<float, sc::bf16, NV> {
+  static constexpr int NZ = (NV + 1) / 2;  // 64-byte vectors per tile row: 32 bf16 batch rows each
+  __m512bh v[NZ];
+  static __m512bh load_z(const sc::bf16* p) {
+    // One vector per tile row of T = 16 bf16 (NV = 1) is half a register: the upper half must be zero, not the
+    // next row's values (0 * inf would be NaN).
+    typedef int16_t W __attribute__((vector_size(64)));
+    W w = {};
+    __builtin_memcpy(&w, p, NV == 1 ? 32 : 64);
+    return (__m512bh)w;
+  }
+  void load(const sc::bf16* p) {
+    for (int z = 0; z < NZ; ++z) v[z] = load_z(p + z * 32);
+  }
+  V<float> dot(const sc::bf16* x) const {
+    __m512 a = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[0], load_z(x));
+    if constexpr (NZ > 1) {
+      __m512 c = _mm512_dpbf16_ps(_mm512_setzero_ps(), v[1], load_z(x + 32));
+      for (int z = 2; z < NZ; z += 2) {
+        a = _mm512_dpbf16_ps(a, v[z], load_z(x + z * 32));
+        if (z + 1 < NZ) c = _mm512_dpbf16_ps(c, v[z + 1], load_z(x + (z + 1) * 32));
+      }
+      a = _mm512_add_ps(a, c);
+    }
+    return (V<float>)a;
+  }
+};
+#endif
+
+// Four sums reduced to a 4-lane vector r, written to dW entries [k, k+n): r plus the previous partial sums in
+// dacc (unless `first`), kept in dacc in S, or with `last` written to dout as E (rounded once, for bf16). With E = S
+// dout is dacc and `last` changes nothing.
+template <class S, class E>
+inline void sddmm_put(V4<S> r, int n, bool first, bool last, S* dacc, E* dout, int64_t k) {
+  if (n == 4) {
+    if (!first) {
+      V4<S> d;
+      __builtin_memcpy(&d, dacc + k, sizeof(d));
+      r += d;
+    }
+    if (sc::is_bf16<E>() && last)
+      for (int u = 0; u < 4; ++u) dout[k + u] = sc::from_compute<E>(r[u]);
+    else
+      __builtin_memcpy(dacc + k, &r, sizeof(r));
+    return;
+  }
+  for (int u = 0; u < n; ++u) {
+    const S v = first ? r[u] : dacc[k + u] + r[u];
+    if (sc::is_bf16<E>() && last) dout[k + u] = sc::from_compute<E>(v);
+    else dacc[k + u] = v;
+  }
 }
 
-// dval[k] (+)= <dy, Xt[col[k]]> over one batch tile for the entries k in [k, e) of a row whose dY^T tile row is
-// dy (NV vectors). Entries go four at a time so the horizontal sums share one reduce4; the tail is zero-padded.
-template <class S, int NV>
-inline void sddmm_segment(const V<S>* dy, const S* xt, const int32_t* col, int64_t k, int64_t e, bool first,
-                          S* dval) {
+// dW[k] (+)= <dy, Xt[col[k]]> over one batch tile for the entries k in [k, e) of a row whose dY^T tile row is
+// dy. Entries go four at a time so the horizontal sums share one reduce4; the tail is zero-padded.
+template <class S, class E, class TE, int NV>
+inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, const int32_t* col, int64_t k, int64_t e,
+                          bool first, bool last, S* dacc, E* dout) {
   constexpr int T = NV * lanes<S>();
   for (; k + 3 < e; k += 4) {
     V<S> s[4];
-    for (int u = 0; u < 4; ++u) s[u] = dot_partial<S, NV>(dy, xt + static_cast<int64_t>(col[k + u]) * T);
-    V4<S> r = reduce4<S>(s);
-    if (!first) {
-      V4<S> d;
-      __builtin_memcpy(&d, dval + k, sizeof(d));
-      r += d;
-    }
-    __builtin_memcpy(dval + k, &r, sizeof(r));
+    for (int u = 0; u < 4; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * T);
+    sddmm_put<S, E>(reduce4<S>(s), 4, first, last, dacc, dout, k);
   }
   if (k == e) return;
   const int n = static_cast<int>(e - k);
   V<S> s[4] = {V<S>{}, V<S>{}, V<S>{}, V<S>{}};
-  for (int u = 0; u < n; ++u) s[u] = dot_partial<S, NV>(dy, xt + static_cast<int64_t>(col[k + u]) * T);
-  const V4<S> r = reduce4<S>(s);
-  dval[k] = first ? r[0] : dval[k] + r[0];
-  if (n > 1) dval[k + 1] = first ? r[1] : dval[k + 1] + r[1];
-  if (n > 2) dval[k + 2] = first ? r[2] : dval[k + 2] + r[2];
+  for (int u = 0; u < n; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * T);
+  sddmm_put<S, E>(reduce4<S>(s), n, first, last, dacc, dout, k);
 }
 
-// dW at the live connections: dval[k] (+)= sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM); += with accumulate.
+// dW at the live connections: dW[k] (+)= sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM); += with accumulate.
 // Per batch tile of T rows, X and dY are transposed into feature-major buffers (Xt: n_cols x T, dYt: n_rows x T),
 // either shared by the threads (each transposes a share, then a barrier) or, with private_tiles, one pair per
 // thread (each transposes all of Xt and its own rows of dYt: no barrier). Each thread then walks its rows once
@@ -394,44 +661,49 @@ inline void sddmm_segment(const V<S>* dy, const S* xt, const int32_t* col, int64
 // come from one block small enough for the core's L2 (blocks of `block_cols` columns) instead of the whole tile.
 // Columns are sorted within a row, so the entries of block q are one segment of the row; `seg` holds the segment
 // starts, (n_rows, n_blocks + 1).
-template <class S, int NV>
-void sddmm(const S* dY, const S* X, int64_t B, int64_t n_rows, int64_t n_cols, const int32_t* rp,
-           const int32_t* col, S* dval, const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg,
-           S* buf, bool accumulate, bool private_tiles) {
+//
+// Types: dY and X are stored as E, the tile buffers (buf) as TE, the sums are in S. The partial sums of dW live in
+// dacc (S, nnz); with `finish`, the last tile adds its share and writes dout (E, nnz) instead, rounded once for
+// bf16 (for E = S the caller passes dout = dacc).
+template <class S, class E, class TE, int NV>
+void sddmm(const E* dY, const E* X, int64_t B, int64_t n_rows, int64_t n_cols, const int32_t* rp,
+           const int32_t* col, S* dacc, E* dout, const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg,
+           TE* buf, bool accumulate, bool finish, bool private_tiles) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
-  S* Xt[2] = {buf, buf + (n_cols + n_rows) * T};
-  S* Yt[2] = {Xt[0] + n_cols * T, Xt[1] + n_cols * T};
+  TE* Xt[2] = {buf, buf + (n_cols + n_rows) * T};
+  TE* Yt[2] = {Xt[0] + n_cols * T, Xt[1] + n_cols * T};
 #pragma omp parallel num_threads(nt)
   {
     const int tid = sc::thread_id(), nth = sc::team_size();
     int n = 0;
     for (int64_t b0 = 0; b0 < B; b0 += T, ++n) {
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-      const S* xt;
-      const S* yt;
+      const TE* xt;
+      const TE* yt;
       if (private_tiles) {
-        S* xp = buf + static_cast<int64_t>(tid) * (n_cols + n_rows) * T;
-        S* yp = xp + n_cols * T;
-        transpose_tile(X, n_cols, b0, tb, T, 0, n_cols, xp);
-        for (int p = tid; p < nt; p += nth) transpose_tile(dY, n_rows, b0, tb, T, split[p], split[p + 1], yp);
+        TE* xp = buf + static_cast<int64_t>(tid) * (n_cols + n_rows) * T;
+        TE* yp = xp + n_cols * T;
+        transpose_tile<S>(X, n_cols, b0, tb, T, 0, n_cols, xp);
+        for (int p = tid; p < nt; p += nth) transpose_tile<S>(dY, n_rows, b0, tb, T, split[p], split[p + 1], yp);
         xt = xp;
         yt = yp;
       } else {
-        transpose_tile_share(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
-        transpose_tile_share(dY, n_rows, b0, tb, T, n_rows, tid, nth, Yt[n & 1]);
+        transpose_tile_share<S>(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
+        transpose_tile_share<S>(dY, n_rows, b0, tb, T, n_rows, tid, nth, Yt[n & 1]);
 #pragma omp barrier
         xt = Xt[n & 1];
         yt = Yt[n & 1];
       }
+      const bool first = b0 == 0 && !accumulate, last = finish && b0 + T >= B;
       for (int p = tid; p < nt; p += nth) {
         for (int64_t q = 0; q < n_blocks; ++q) {
           for (int64_t j = split[p]; j < split[p + 1]; ++j) {
             const int32_t* sj = seg + j * (n_blocks + 1);
             if (sj[q] == sj[q + 1]) continue;
-            V<S> dy[NV];
-            for (int v = 0; v < NV; ++v) dy[v] = vload<S>(yt + j * T + v * L);
-            sddmm_segment<S, NV>(dy, xt, col, sj[q], sj[q + 1], b0 == 0 && !accumulate, dval);
+            DyRow<S, TE, NV> dy;
+            dy.load(yt + j * T);
+            sddmm_segment<S, E, TE, NV>(dy, xt, col, sj[q], sj[q + 1], first, last, dacc, dout);
           }
         }
       }

@@ -8,8 +8,9 @@ kernels without a GPU::
         y = layer(x)
 
 The C++ kernels are compiled for three instruction sets and run the widest the CPU supports (``generic``,
-``avx2``, ``avx512``: ``sparsecore._C.kernel_isa()`` says which). ``SPARSECORE_MAX_ISA=avx2`` in the environment
-caps them, e.g. on a CPU whose clock drops under 512-bit arithmetic; it is read once, at import.
+``avx2``, ``avx512``, and ``avx512bf16``: the AVX-512 copy plus AVX512-BF16 in the bfloat16 kernels;
+``sparsecore._C.kernel_isa()`` says which). ``SPARSECORE_MAX_ISA=avx2`` in the environment caps them, e.g. on a
+CPU whose clock drops under 512-bit arithmetic; it is read once, at import.
 """
 from __future__ import annotations
 

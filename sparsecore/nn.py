@@ -102,8 +102,8 @@ class SparseLinear(nn.Module):
         device, dtype: as ``nn.Linear``; dtype must be a floating type.
         generator: ``torch.Generator`` for the random pattern.
 
-    Shapes: input ``(*, in_features)``, output ``(*, out_features)``. Dtypes: float32/float64/bfloat16 on CPU,
-    float32/float16/bfloat16 on CUDA (Triton); under ``torch.autocast`` the layer computes in the region's dtype
+    Shapes: input ``(*, in_features)``, output ``(*, out_features)``. Dtypes: float32/float64/bfloat16 on CPU
+    (bf16 kernels with fp32 accumulation), float32/float16/bfloat16 on CUDA (Triton); under ``torch.autocast`` the layer computes in the region's dtype
     like ``nn.Linear``. Initialisation is ``nn.Linear``'s, ``U(-1/sqrt(in), 1/sqrt(in))`` for the live weights and
     the bias, so a sparsified model starts from the weights its dense twin would have had.
 

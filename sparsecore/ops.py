@@ -8,8 +8,14 @@ trace them, an autograd rule and an autocast rule:
     sparsecore::sddmm   dW          = (dy^T x) at the live entries only  (values-shaped, never (out, in))
 
 and db = sum over the batch of dy. The op is bilinear in (x, W), so the gradient of each op is made of the three
-ops again: gradients of gradients (``create_graph=True``, e.g. a gradient penalty) are exact. Kernels: C++ (``sparsecore._C``) for CPU tensors, Triton for CUDA tensors,
-see :mod:`sparsecore.backend`. Users call :func:`sparse_linear`, which checks its inputs and raises clear
+ops again: gradients of gradients (``create_graph=True``, e.g. a gradient penalty) are exact. Kernels: C++
+(``sparsecore._C``) for CPU tensors, Triton for CUDA tensors, see :mod:`sparsecore.backend`.
+
+Dtypes. On the CPU: float32, float64 and bfloat16, the same for x, values and bias; outputs (y, dx, dW) have x's
+dtype. The bfloat16 kernels read bf16, accumulate in fp32 and round each output once to nearest even, as
+``tensor.to(torch.bfloat16)`` rounds (``sparsecore._C.kernel_isa() == "avx512bf16"``: the SDDMM's dot products
+use AVX512-BF16). float16 is not supported on the CPU (a TypeError says so); it runs on the Triton backend. Users
+call :func:`sparse_linear`, which checks its inputs and raises clear
 errors; the raw ops assume checked inputs. In eager mode :func:`sparse_linear` runs the same implementations
 through a plain ``autograd.Function`` (the custom-op dispatch costs more than the kernels of a very sparse
 layer); under ``torch.compile`` it calls the custom ops.
@@ -27,13 +33,25 @@ from .pattern import Pattern
 
 __all__ = ["sparse_linear", "spmm", "spmm_t", "sddmm"]
 
-_CPU_DTYPES = (torch.float32, torch.float64)
+_CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _np(t: Tensor):
-    # Zero-copy numpy view for the C++ kernels; detach() (a new tensor object) only when autograd tracks t.
-    return t.detach().numpy() if t.requires_grad else t.numpy()
+    """Zero-copy numpy view of a CPU tensor for the C++ kernels; detach() (a new tensor object) only when autograd
+    tracks t. numpy has no bfloat16: a bf16 tensor goes over as its int16 view (the same 16-bit words), which the
+    ``*_bf16`` kernels read as bf16."""
+    if t.requires_grad:
+        t = t.detach()
+    if t.dtype == torch.bfloat16:
+        t = t.view(torch.int16)
+    return t.numpy()
+
+
+def _cpu_kernel(name: str, dtype: torch.dtype):
+    """The C++ kernel ``name`` for tensors of ``dtype``: its ``_bf16`` twin for bfloat16 (the float32/float64
+    overloads dispatch on the numpy dtype)."""
+    return getattr(_C, name + "_bf16") if dtype == torch.bfloat16 else getattr(_C, name)
 
 
 def _triton():
@@ -47,9 +65,11 @@ def _triton():
 
 
 def _check_cpu_dtype(t: Tensor) -> None:
+    if t.dtype == torch.float16:
+        raise TypeError("the C++ CPU kernels support float32, float64 and bfloat16, got torch.float16: on the CPU "
+                        "use bfloat16 as the half-precision type (float16 runs on the Triton backend, CUDA)")
     if t.dtype not in _CPU_DTYPES:
-        raise TypeError(f"the C++ CPU kernels support float32 and float64, got {t.dtype}; "
-                        "float16/bfloat16 run on the Triton backend (CUDA)")
+        raise TypeError(f"the C++ CPU kernels support float32, float64 and bfloat16, got {t.dtype}")
 
 
 # ----------------------------------------------------------------------------------------------- kernels
@@ -66,9 +86,11 @@ def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor
     y = torch.empty(x.shape[0], n_out, dtype=x.dtype)
     b = None if bias is None else _np(bias)
     if block_size == 1:
-        _C.spmm(_np(x), _np(rowptr), _np(col), _np(values), None, b, y.numpy(), torch.get_num_threads())
+        _cpu_kernel("spmm", x.dtype)(_np(x), _np(rowptr), _np(col), _np(values), None, b, _np(y),
+                                     torch.get_num_threads())
     else:
-        _C.bsr_spmm(_np(x), _np(rowptr), _np(col), _np(values), b, y.numpy(), torch.get_num_threads())
+        _cpu_kernel("bsr_spmm", x.dtype)(_np(x), _np(rowptr), _np(col), _np(values), b, _np(y),
+                                         torch.get_num_threads())
     return y
 
 
@@ -81,9 +103,11 @@ def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: 
         return tk.bsr_spmm_t(dy, values, colptr, row, perm, n_in)
     dx = torch.empty(dy.shape[0], n_in, dtype=dy.dtype)
     if block_size == 1:
-        _C.spmm(_np(dy), _np(colptr), _np(row), _np(values), _np(perm), None, dx.numpy(), torch.get_num_threads())
+        _cpu_kernel("spmm", dy.dtype)(_np(dy), _np(colptr), _np(row), _np(values), _np(perm), None, _np(dx),
+                                      torch.get_num_threads())
     else:
-        _C.bsr_spmm_t(_np(dy), _np(colptr), _np(row), _np(perm), _np(values), dx.numpy(), torch.get_num_threads())
+        _cpu_kernel("bsr_spmm_t", dy.dtype)(_np(dy), _np(colptr), _np(row), _np(perm), _np(values), _np(dx),
+                                            torch.get_num_threads())
     return dx
 
 
@@ -97,9 +121,10 @@ def _sddmm_impl(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: 
     shape = (nnz,) if block_size == 1 else (nnz, block_size, block_size)
     out = torch.empty(shape, dtype=dy.dtype)
     if block_size == 1:
-        _C.sddmm(_np(dy), _np(x), _np(rowptr), _np(col), out.numpy(), torch.get_num_threads())
+        _cpu_kernel("sddmm", dy.dtype)(_np(dy), _np(x), _np(rowptr), _np(col), _np(out), torch.get_num_threads())
     else:
-        _C.bsr_sddmm(_np(dy), _np(x), _np(rowptr), _np(col), out.numpy(), torch.get_num_threads())
+        _cpu_kernel("bsr_sddmm", dy.dtype)(_np(dy), _np(x), _np(rowptr), _np(col), _np(out),
+                                           torch.get_num_threads())
     return out
 
 
@@ -115,7 +140,8 @@ def _n_out(rowptr: Tensor, block_size: int) -> int:
 @torch.library.custom_op("sparsecore::spmm", mutates_args=())
 def spmm(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, colptr: Tensor,
          row: Tensor, perm: Tensor, n_out: int, block_size: int) -> Tensor:
-    """y (B, n_out) = x (B, in) W^T + bias."""
+    """y (B, n_out) = x (B, in) W^T + bias: x, values (nnz,) or (nnz, bs, bs), bias (n_out,) or None of one dtype
+    (CPU: float32, float64, bfloat16); y has it too. Inputs are assumed checked (see :func:`sparse_linear`)."""
     return _spmm_impl(x, values, bias, rowptr, col, n_out, block_size)
 
 
@@ -139,7 +165,10 @@ def _(dy, values, rowptr, col, colptr, row, perm, n_in, block_size):
 @torch.library.custom_op("sparsecore::sddmm", mutates_args=())
 def sddmm(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, colptr: Tensor, row: Tensor, perm: Tensor,
           block_size: int) -> Tensor:
-    """dW at the live entries: (nnz,) or (nnz, bs, bs), entry k = sum_b dy[b, rows of k] x[b, cols of k]."""
+    """dW at the live entries: (nnz,) or (nnz, bs, bs), entry k = sum_b dy[b, rows of k] x[b, cols of k].
+
+    dy (B, out) and x (B, in) of one dtype (CPU: float32, float64, bfloat16); dW has it too (bf16: the sum over
+    the whole batch is taken in fp32 and rounded once)."""
     return _sddmm_impl(dy, x, rowptr, col, block_size)
 
 
@@ -331,11 +360,12 @@ class _EagerSddmm(torch.autograd.Function):
 def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Tensor] = None) -> Tensor:
     """``y = x W^T + bias`` with W given by ``pattern`` and ``values`` (CSR order, shape ``pattern.values_shape``).
 
-    x: (..., in_features). x, values and bias share one floating dtype: float32/float64 on the CPU kernels,
-    float32/float16/bfloat16 on the Triton kernels. Inside ``torch.autocast`` the rule is ``nn.Linear``'s: x,
-    values and bias (those that are floating and not float64) are cast to the region's dtype, the op computes and
-    returns that dtype, and the gradients of values and bias come back in their own dtype (the cast is part of
-    the graph). Returns (..., out_features). Differentiable in x, values and bias, to any order.
+    x: (..., in_features); values: ``pattern.values_shape``; bias: (out_features,) or None. All three of one
+    floating dtype: float32, float64 or bfloat16 on the CPU (bf16: fp32 accumulation, outputs rounded once to
+    nearest even); float32, float16 or bfloat16 on the Triton backend. Inside ``torch.autocast`` the rule is
+    ``nn.Linear``'s: x, values and bias (those that are floating and not float64) are cast to the region's dtype,
+    the op computes and returns that dtype, and the gradients of values and bias come back in their own dtype (the
+    cast is part of the graph). Returns (..., out_features). Differentiable in x, values and bias, to any order.
     """
     if not isinstance(x, Tensor) or not isinstance(values, Tensor):
         raise TypeError("x and values must be torch.Tensor")

@@ -21,7 +21,9 @@ def random_mask(out_f, in_f, density, gen, empty_rows=(), empty_cols=()):
     return m
 
 
-ISAS = ["generic", "avx2", "avx512"]  # the compiled copies of the CPU kernels, narrowest first
+# The instruction-set caps of the CPU kernels, narrowest first: each selects a compiled copy ("avx512bf16" is the
+# AVX-512 copy plus the bf16 kernels' AVX512-BF16 code).
+ISAS = ["generic", "avx2", "avx512", "avx512bf16"]
 
 
 def isa_supported(isa):

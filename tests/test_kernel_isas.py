@@ -1,4 +1,5 @@
-"""Every compiled copy of the CPU kernels (portable, AVX2+FMA, AVX-512) against the float64 reference.
+"""Every compiled copy of the CPU kernels (portable, AVX2+FMA, AVX-512) against the float64 reference (the
+avx512bf16 cap runs the AVX-512 copy of these fp32/fp64 kernels; tests/test_ops_bf16.py covers the bf16 ones).
 
 The kernels run the widest copy the CPU supports, so without the testing hook CI would only run that one. The
 copies differ in vector width (16, 32 and 64 bytes), and so in their tiles, batch chunks, horizontal sums,
@@ -32,9 +33,11 @@ def threads(request):
 
 def test_kernel_isa_hook():
     old = _C.kernel_isa()
-    _C._set_max_isa("avx512")
+    _C._set_max_isa("avx512bf16")
     try:
         assert _C.kernel_isa() == _C.cpu_isa()  # the widest cap: what the CPU supports
+        _C._set_max_isa("avx512")
+        assert _C.kernel_isa() == ("avx512" if isa_supported("avx512") else _C.cpu_isa())
         _C._set_max_isa("generic")
         assert _C.kernel_isa() == "generic" and not _C.has_avx2()
         with pytest.raises(ValueError, match="unknown instruction set 'sse'"):
@@ -78,7 +81,7 @@ def test_bsr_kernels_per_isa(isa, threads, dtype, bs, batch, gen):
 
 
 @pytest.mark.parametrize("value,expect", [("generic", "generic"), ("avx2", "avx2"), (" avx2 ", "avx2"),
-                                          ("", None)])
+                                          ("avx512", "avx512"), ("avx512bf16", "avx512bf16"), ("", None)])
 def test_isa_cap_from_environment(value, expect):
     """SPARSECORE_MAX_ISA caps the kernels at import (checked in a fresh interpreter)."""
     if expect is not None and not isa_supported(expect):

@@ -267,9 +267,9 @@ def test_bad_inputs(gen):
         sparse_linear(torch.randn(2, 4), torch.randn(p.nnz + 1), p)
     with pytest.raises(ValueError, match="bias"):
         sparse_linear(torch.randn(2, 4), v, p, torch.randn(4))
-    with pytest.raises(TypeError, match="float32 and float64"):
+    with pytest.raises(TypeError, match="float16: on the CPU use bfloat16"):
         sparse_linear(torch.randn(2, 4).half(), v.half(), p)
-    with pytest.raises(TypeError, match="float32 and float64"):
+    with pytest.raises(TypeError, match="float32, float64 and bfloat16, got torch.int64"):
         sparse_linear(torch.ones(2, 4, dtype=torch.int64), v.long(), p)
     with pytest.raises(TypeError):
         sparse_linear([[1.0] * 4], v, p)

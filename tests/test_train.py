@@ -304,7 +304,7 @@ def test_machine_info_names_the_kernels_instruction_set():
     from sparsecore.apps.train import machine_info
 
     info = machine_info()
-    assert info["kernel_isa"] == _C.kernel_isa() and info["kernel_isa"] in ("generic", "avx2", "avx512")
+    assert info["kernel_isa"] == _C.kernel_isa() and info["kernel_isa"] in ("generic", "avx2", "avx512", "avx512bf16")
     assert info["avx2"] == (info["kernel_isa"] != "generic")
     assert info["torch_threads"] == torch.get_num_threads()
 
