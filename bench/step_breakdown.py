@@ -53,11 +53,16 @@ def median_us(fn, steps: int, warmup: int = 5) -> float:
 
 
 def layer_io(model, batch: int):
-    """(layer, x (batch, in), dy (batch, out)) for every linear layer, with activations of the right sizes."""
+    """(layer, x (batch, in), dy (batch, out)) for every linear layer, with activations of the right sizes and in
+    the layouts the model's step gives them (between sparse layers: feature-major)."""
+    from sparsecore import feature_major
+
     out = []
-    for m in model.modules():
-        if isinstance(m, (SparseLinear, torch.nn.Linear)):
-            out.append((m, torch.randn(batch, m.in_features).relu(), torch.randn(batch, m.out_features)))
+    for k, m in enumerate(m for m in model.modules() if isinstance(m, (SparseLinear, torch.nn.Linear))):
+        x, dy = torch.randn(batch, m.in_features).relu(), torch.randn(batch, m.out_features)
+        if isinstance(m, SparseLinear) and getattr(m, "feature_major", False):
+            x, dy = (x if k == 0 else feature_major(x)), feature_major(dy)
+        out.append((m, x, dy))
     return out
 
 
@@ -83,7 +88,7 @@ def breakdown(method: str, epsilon, density, hidden, batch: int, threads: int, s
     torch.set_num_threads(threads)
     torch.manual_seed(seed)
     model = build_model(method, 784, 10, hidden, epsilon=epsilon, density=density, seed=seed)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=1e-4, fused=True)
     spe = 60000 // batch
     updater = make_updater(method, model, opt, epochs=100, steps_per_epoch=spe, seed=seed)
     x_all, y_all = torch.randn(60000, 784), torch.randint(0, 10, (60000,))

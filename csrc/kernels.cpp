@@ -128,6 +128,13 @@ struct BatchChunk {
   int nv;
 };
 
+// Feature-major operands are read in place (no copy into the tile buffers) while a tile row is read fewer than
+// this many times on average (nnz / n_cols): then a copy costs more than the scattered reads it saves.
+static double g_fm_in_place_reads = 8.0;  // tuning hook: _set_fm_in_place_reads (0 = never in place)
+static bool fm_in_place(int64_t nnz, int64_t n_cols) {
+  return double(nnz) < g_fm_in_place_reads * double(n_cols > 0 ? n_cols : 1);
+}
+
 static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv) {
   if (g_nv_override || B <= 0) return {{0, B > 0 ? B : 0, g_nv_override ? g_nv_override : 1}};
   std::vector<BatchChunk> chunks;
@@ -173,15 +180,19 @@ static Arr<A> exact_array(const py::object& obj, const char* what) {
 // Y (B, n_rows) = X (B, n_cols) W^T (+ bias), W in CSR. With perm (the transpose index's permutation) the
 // values are read as values[perm], which turns the call into dX = dY W over (colptr, row, perm).
 // A: the element type of the arrays as Python hands them over (float, double, or int16: bf16 words).
+//
+// Layouts: X is (B, n_cols) row-major, or with x_fm (n_cols, B), the storage of a feature-major (B, n_cols)
+// tensor; Y likewise (B, n_rows), or with out_fm (n_rows, B).
 template <class A>
 void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col, const Arr<A>& values,
-             py::object perm_obj, py::object bias_obj, Arr<A>& Y, int nthreads) {
+             py::object perm_obj, py::object bias_obj, Arr<A>& Y, int nthreads, bool x_fm, bool out_fm) {
   typedef typename storage_of<A>::type E;  // as the kernels store it: A, or bf16
   typedef typename compute_of<E>::type S;  // as they compute: float for bf16
   require(X.ndim() == 2 && Y.ndim() == 2, "spmm: X and Y must be 2-D");
-  const int64_t B = X.shape(0), n_cols = X.shape(1);
+  const int64_t B = X.shape(x_fm ? 1 : 0), n_cols = X.shape(x_fm ? 0 : 1);
   const int64_t n_rows = numel(rowptr) - 1;
-  require(Y.shape(0) == B && Y.shape(1) == n_rows, "spmm: Y must have shape (batch, n_rows)");
+  require(Y.shape(out_fm ? 1 : 0) == B && Y.shape(out_fm ? 0 : 1) == n_rows,
+          out_fm ? "spmm: Y must have shape (n_rows, batch)" : "spmm: Y must have shape (batch, n_rows)");
   require(numel(col) == numel(values), "spmm: col and values must have the same length");
   const E* bias = nullptr;
   Arr<A> bias_arr;
@@ -227,6 +238,7 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks = batch_chunks(B, L, SPMM_MAX_NV);
+  const bool in_place = fm_in_place(nnz, n_cols);
   // The tiles are stored as E (bf16 tiles for bf16, see BF16_SDDMM_MAX_NV); the first chunk has the widest ones.
   E* buf = scratch<E>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);
   for (const BatchChunk& c : chunks) {
@@ -237,12 +249,14 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
     // dX 397 -> 264 us; 1000x1000 at 4.5%, batch 32 (2 tiles): forward 102 -> 65 us, batch 48: dX 212 -> 185 us.
     const int64_t n_tiles = (c.nb + c.nv * L - 1) / (c.nv * L);
     const bool by_tile = g_spmm_split ? g_spmm_split == 2 : nt > 1 && n_tiles - (pe ? 1 : 0) >= nt;
-    const E* xc = xp + c.b0 * n_cols;
-    E* yc = yp + c.b0 * n_rows;
-#define GEN(N) generic::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+    const E* xc = x_fm ? xp + c.b0 : xp + c.b0 * n_cols;
+    E* yc = out_fm ? yp + c.b0 : yp + c.b0 * n_rows;
+    const int64_t ldx = x_fm ? B : n_cols, ldy = out_fm ? B : n_rows;
+#define SC_SPMM_ARGS (xc, ldx, x_fm, in_place, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, ldy, split.data(), nt, buf, by_tile)
+#define GEN(N) (out_fm ? generic::spmm<S, E, E, N, true> SC_SPMM_ARGS : generic::spmm<S, E, E, N, false> SC_SPMM_ARGS)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
-#define A512(N) avx512::spmm<S, E, E, N>(xc, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, split.data(), nt, buf, by_tile)
+#define AVX(N) (out_fm ? avx2::spmm<S, E, E, N, true> SC_SPMM_ARGS : avx2::spmm<S, E, E, N, false> SC_SPMM_ARGS)
+#define A512(N) (out_fm ? avx512::spmm<S, E, E, N, true> SC_SPMM_ARGS : avx512::spmm<S, E, E, N, false> SC_SPMM_ARGS)
 #else
 #define AVX(N) GEN(N)
 #define A512(N) GEN(N)
@@ -251,6 +265,7 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
 #undef GEN
 #undef AVX
 #undef A512
+#undef SC_SPMM_ARGS
     if (pe) {  // the first chunk gathered values[perm]: the others read them
       val = gathered;
       pe = nullptr;
@@ -259,15 +274,17 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
 }
 
 // dvalues (nnz,) = (dY^T X) at the live connections of the CSR pattern (rowptr, col). A: as for spmm_py.
+// Layouts as in spmm_py: dY (B, n_rows) or with dy_fm (n_rows, B); X (B, n_cols) or with x_fm (n_cols, B).
 template <class A>
 void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col,
-              Arr<A>& dval, int nthreads) {
+              Arr<A>& dval, int nthreads, bool dy_fm, bool x_fm) {
   typedef typename storage_of<A>::type E;
   typedef typename compute_of<E>::type S;
   require(X.ndim() == 2 && dY.ndim() == 2, "sddmm: X and dY must be 2-D");
-  const int64_t B = X.shape(0), n_cols = X.shape(1);
+  const int64_t B = X.shape(x_fm ? 1 : 0), n_cols = X.shape(x_fm ? 0 : 1);
   const int64_t n_rows = numel(rowptr) - 1;
-  require(dY.shape(0) == B && dY.shape(1) == n_rows, "sddmm: dY must have shape (batch, n_rows)");
+  require(dY.shape(dy_fm ? 1 : 0) == B && dY.shape(dy_fm ? 0 : 1) == n_rows,
+          dy_fm ? "sddmm: dY must have shape (n_rows, batch)" : "sddmm: dY must have shape (batch, n_rows)");
   require(numel(dval) == numel(col), "sddmm: dval must have nnz elements");
   const int nt = clamp_threads(nthreads);
   const int32_t* rp = rowptr.data();
@@ -288,6 +305,7 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks = batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : SDDMM_MAX_NV[isa]);
+  const bool in_place = fm_in_place(nnz, n_cols);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
   // streamed dY^T rows), and where each row's entries of each block start. Each (row, block) segment costs a
   // reload of the row's dY^T and a padded tail, so blocks are only used while segments average >= 32 entries
@@ -320,10 +338,11 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   S* dacc = is_bf16<E>() ? (one_tile ? nullptr : scratch<S>(2, nnz)) : reinterpret_cast<S*>(dv);
   for (size_t ic = 0; ic < chunks.size(); ++ic) {  // the first chunk writes dW, the others add to it
     const BatchChunk& c = chunks[ic];
-    const E* yc = yp + c.b0 * n_rows;
-    const E* xc = xp + c.b0 * n_cols;
+    const E* yc = dy_fm ? yp + c.b0 : yp + c.b0 * n_rows;
+    const E* xc = x_fm ? xp + c.b0 : xp + c.b0 * n_cols;
+    const int64_t ldy = dy_fm ? B : n_rows, ldx = x_fm ? B : n_cols;
     const bool accumulate = c.b0 > 0, finish = ic + 1 == chunks.size();
-#define SC_SDDMM_ARGS (yc, xc, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, buf, accumulate, finish, private_tiles)
+#define SC_SDDMM_ARGS (yc, ldy, dy_fm, xc, ldx, x_fm, in_place, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, buf, accumulate, finish, private_tiles)
 #define GEN(N) generic::sddmm<S, E, E, N> SC_SDDMM_ARGS
 #ifdef SC_HAVE_AVX2
 #define AVX(N) avx2::sddmm<S, E, E, N> SC_SDDMM_ARGS
@@ -353,26 +372,28 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
 void bind_kernels(py::module_& m) {
   m.def("spmm", &spmm_py<float>, py::arg("x").noconvert(), py::arg("rowptr").noconvert(),
         py::arg("col").noconvert(), py::arg("values").noconvert(), py::arg("perm"), py::arg("bias"),
-        py::arg("out").noconvert(), py::arg("nthreads"));
+        py::arg("out").noconvert(), py::arg("nthreads"), py::arg("x_fm") = false, py::arg("out_fm") = false);
   m.def("spmm", &spmm_py<double>, py::arg("x").noconvert(), py::arg("rowptr").noconvert(),
         py::arg("col").noconvert(), py::arg("values").noconvert(), py::arg("perm"), py::arg("bias"),
-        py::arg("out").noconvert(), py::arg("nthreads"));
+        py::arg("out").noconvert(), py::arg("nthreads"), py::arg("x_fm") = false, py::arg("out_fm") = false);
   m.def("spmm_bf16", &spmm_py<int16_t>, py::arg("x").noconvert(), py::arg("rowptr").noconvert(),
         py::arg("col").noconvert(), py::arg("values").noconvert(), py::arg("perm"), py::arg("bias"),
-        py::arg("out").noconvert(), py::arg("nthreads"),
+        py::arg("out").noconvert(), py::arg("nthreads"), py::arg("x_fm") = false, py::arg("out_fm") = false,
         "spmm on bfloat16 data: x, values, bias and out are int16 views of bf16 tensors (fp32 accumulation, each "
         "output rounded to nearest even)");
   m.def("sddmm", &sddmm_py<float>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
         py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("out").noconvert(),
-        py::arg("nthreads"));
+        py::arg("nthreads"), py::arg("dy_fm") = false, py::arg("x_fm") = false);
   m.def("sddmm", &sddmm_py<double>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
         py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("out").noconvert(),
-        py::arg("nthreads"));
+        py::arg("nthreads"), py::arg("dy_fm") = false, py::arg("x_fm") = false);
   m.def("sddmm_bf16", &sddmm_py<int16_t>, py::arg("dy").noconvert(), py::arg("x").noconvert(),
         py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("out").noconvert(),
-        py::arg("nthreads"),
+        py::arg("nthreads"), py::arg("dy_fm") = false, py::arg("x_fm") = false,
         "sddmm on bfloat16 data: dy, x and out are int16 views of bf16 tensors (fp32 accumulation over the whole "
         "batch, each output rounded once to nearest even)");
+  m.def("_set_fm_in_place_reads", [](double r) { g_fm_in_place_reads = r < 0 ? 8.0 : r; },
+        "tuning hook: feature-major tiles are read in place while nnz / n_cols is below this (negative = default 8)");
   m.def("_set_tile_vectors", [](int nv) { g_nv_override = nv; }, "tuning hook: vectors per batch tile (0 = auto)");
   m.def("_set_spmm_split", [](int mode) { g_spmm_split = mode; },
         "tuning hook: SpMM work split (0 = automatic, 1 = rows of each tile, 2 = whole tiles per thread)");

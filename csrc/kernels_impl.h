@@ -382,6 +382,59 @@ inline void transpose_tile_share(const E* X, int64_t ldx, int64_t b0, int tb, in
   transpose_tile<S>(X, ldx, b0, tb, T, i0, i1, Xt);
 }
 
+// Feature-major operands. A feature-major (batch, features) tensor is stored as (features, batch): row i holds
+// feature i of every sample, so the batch columns [b0, b0 + T) of it already are a tile, rows ldx apart. A full
+// tile is read in place (no transpose); the last, partial one is copied here, zero-padded to T lanes, so that no
+// read goes past the end of the array and the padding lanes of a dot product are zeros.
+// Xt[i*T + t] = X[i*ldx + b0 + t] for i in [i0, i1), t < tb; lanes t >= tb are zero.
+template <class S, class E, class TE>
+inline void copy_tile_fm(const E* X, int64_t ldx, int64_t b0, int tb, int T, int64_t i0, int64_t i1, TE* Xt) {
+  for (int64_t i = i0; i < i1; ++i) {
+    const E* src = X + i * ldx + b0;
+    TE* dst = Xt + i * T;
+    for (int t = 0; t < tb; ++t) dst[t] = sc::from_compute<TE>(sc::to_compute<S>(src[t]));
+    for (int t = tb; t < T; ++t) dst[t] = sc::from_compute<TE>(S(0));
+  }
+}
+
+// Rows [i0, i1) of a batch tile in the form the kernels read, rows ld apart: feature-major and full, the operand
+// itself (no copy); otherwise copied (feature-major) or transposed (row-major) into buf, rows T apart.
+template <class S, class E, class TE>
+struct TileView {
+  const TE* p;
+  int64_t ld;
+};
+//
+// In place pays only while a tile row is read a few times: its rows are ldx apart, two cache lines in each page
+// or so, where the buffer's rows are contiguous (and in huge pages), so many reads of them cost TLB misses. With
+// `in_place` false a full feature-major tile is copied too (a plain strided copy, no transpose).
+template <class S, class E, class TE>
+inline TileView<S, E, TE> tile_view(const E* X, int64_t ldx, bool fm, int64_t b0, int tb, int T, int64_t i0,
+                                    int64_t i1, TE* buf, bool in_place = true) {
+  if (fm && tb == T && in_place) {
+    if constexpr (std::is_same<E, TE>::value) return {X + b0, ldx};
+  }
+  if (fm) copy_tile_fm<S>(X, ldx, b0, tb, T, i0, i1, buf);
+  else transpose_tile<S>(X, ldx, b0, tb, T, i0, i1, buf);
+  return {buf, T};
+}
+
+// Y[j*ldy + b0 + t] = a[t] (+ b) for t < tb: one finished output row written straight into a feature-major Y
+// (rounded once for bf16).
+template <class S, class E, int NV>
+inline void store_row_fm(const V<S>* a, S b, E* y, int tb) {
+  constexpr int L = lanes<S>();
+  for (int v = 0; v < NV; ++v) {
+    const V<S> o = a[v] + b;
+    if ((v + 1) * L <= tb) {
+      vstore_as<S>(y + v * L, o);
+    } else {
+      for (int t = v * L; t < tb; ++t) y[t] = sc::from_compute<E>(o[t - v * L]);
+      break;
+    }
+  }
+}
+
 // Y[(b0+t)*ldy + j0 + r] = ob[r*T + t] for r < nr, t < tb: write finished rows of a tile back to (batch, out),
 // L batch rows at a time (the same cache-set argument as transpose_tile). Y stored as bf16: each value is rounded
 // once, here.
@@ -409,12 +462,13 @@ constexpr int ROW_BLOCK = 64;
 // broadcast, and each output rounded once, in store_rows). TE: that of the tile Xt (S, or bf16, widened on load).
 constexpr int64_t GATHER_AHEAD = 64;
 
-template <class S, class E, class TE, int NV, bool GATHER>
+template <class S, class E, class TE, int NV, bool GATHER, bool FMY>
 inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, const int32_t* perm, E* gval,
-                      const TE* Xt, const E* bias, E* Y, int64_t ldy, int64_t b0, int tb, int64_t r0, int64_t r1) {
+                      const TE* Xt, int64_t ldt, const E* bias, E* Y, int64_t ldy, int64_t b0, int tb, int64_t r0,
+                      int64_t r1) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
-  alignas(64) S ob[ROW_BLOCK * T];  // outputs of up to ROW_BLOCK consecutive rows, stored together
+  alignas(64) S ob[FMY ? 1 : ROW_BLOCK * T];  // row-major Y: outputs of up to ROW_BLOCK rows, stored together
   int nr = 0;
   int64_t j0 = r0;
   const E* val = GATHER ? gval : values;
@@ -445,19 +499,23 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
         for (int u = 0; u < U / 2; ++u) __builtin_memcpy(&cc[u], col + k + 2 * u, 8);
       for (int u = 0; u < U; ++u) {
         const uint64_t ci = (u & 1) ? (cc[u / 2] >> 32) : static_cast<uint32_t>(cc[u / 2]);
-        const TE* x = Xt + static_cast<int64_t>(ci) * T;
+        const TE* x = Xt + static_cast<int64_t>(ci) * ldt;
         tile_row_fma<S, TE, NV>(acc[u], vsplat_as<S>(val + k + u), x);
       }
     }
     V<S>* a = acc[0];
     for (; k < e; ++k) {
-      const TE* x0 = Xt + static_cast<int64_t>(col[k]) * T;
+      const TE* x0 = Xt + static_cast<int64_t>(col[k]) * ldt;
       tile_row_fma<S, TE, NV>(a, vsplat_as<S>(val + k), x0);
     }
     for (int u = 1; u < U; ++u)
       for (int v = 0; v < NV; ++v) a[v] += acc[u][v];
     tile_row_order<S, TE, NV>(a);
     const S b = bias ? sc::to_compute<S>(bias[j]) : S(0);
+    if constexpr (FMY) {
+      store_row_fm<S, E, NV>(a, b, Y + j * ldy + b0, tb);
+      continue;
+    }
     for (int v = 0; v < NV; ++v) {
       const V<S> o = a[v] + b;
       __builtin_memcpy(ob + nr * T + v * L, &o, sizeof(o));
@@ -468,7 +526,7 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
       j0 = j + 1;
     }
   }
-  if (nr) store_rows<S, E>(ob, nr, T, tb, Y, ldy, b0, j0);
+  if (!FMY && nr) store_rows<S, E>(ob, nr, T, tb, Y, ldy, b0, j0);
 }
 
 // Y (B, n_rows) = X (B, n_cols) W^T + bias, W in CSR (rp, col, values). split: nt+1 row boundaries.
@@ -482,36 +540,48 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
 // others by rows: the first one when it gathers gval for the rest, and the last n_tiles - n_whole - head ones, so
 // that every thread gets the same share.
 // X, values, gval, bias and Y are stored as E, the tile buffers buf as TE (see spmm_rows).
-template <class S, class E, class TE, int NV>
-void spmm(const E* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_t* col, const E* values,
-          const int32_t* perm, E* gval, int64_t n_rows, const E* bias, E* Y, const int64_t* split, int nt, TE* buf,
-          bool by_tile) {
+//
+// Layouts: X is row-major (B rows ldx apart; its tiles are transposed into buf) or, with x_fm, feature-major
+// (n_cols rows of ldx batch entries; a full tile is read in place). Y is row-major (ldy = its row length) or, with
+// FMY, feature-major (n_rows rows ldy apart): each output row of a tile is then stored as it is finished.
+template <class S, class E, class TE, int NV, bool FMY>
+void spmm(const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B, int64_t n_cols, const int32_t* rp,
+          const int32_t* col, const E* values, const int32_t* perm, E* gval, int64_t n_rows, const E* bias, E* Y,
+          int64_t ldy, const int64_t* split, int nt, TE* buf, bool by_tile) {
   constexpr int T = NV * lanes<S>();
   const int64_t n_tiles = (B + T - 1) / T;
   const int64_t head = by_tile ? (perm ? 1 : 0) : n_tiles;              // tiles [0, head) by rows
   const int64_t n_whole = by_tile ? (n_tiles - head) / nt * nt : 0;      // then [head, head + n_whole) whole
   // By rows: two tile buffers, so that a thread may transpose tile n+1 while another still reads tile n.
-  // Whole tiles: one buffer per thread (buf holds max(2, nt) of them).
+  // Whole tiles: one buffer per thread (buf holds max(2, nt) of them). A feature-major X needs a buffer only for
+  // its partial last tile, which each thread then copies into its own.
   TE* Xt[2] = {buf, buf + n_cols * T};
   std::atomic<int64_t> next_tile{head};
 #pragma omp parallel num_threads(nt)
   {
     const int tid = sc::thread_id(), nth = sc::team_size();
+    TE* own = buf + static_cast<int64_t>(tid) * n_cols * T;
     auto tile_by_rows = [&](int64_t n) {
       const int64_t b0 = n * T;
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-      transpose_tile_share<S>(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
+      TileView<S, E, TE> xt{Xt[n & 1], T};
+      if (x_fm) xt = tile_view<S>(X, ldx, true, b0, tb, T, 0, n_cols, own, in_place);
+      else transpose_tile_share<S>(X, ldx, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
+      // Also orders tile 0's gather of gval before the reads of the later tiles.
 #pragma omp barrier
       for (int p = tid; p < nt; p += nth) {
         if (!perm)
-          spmm_rows<S, E, TE, NV, false>(rp, col, values, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb,
-                                     split[p], split[p + 1]);
+          spmm_rows<S, E, TE, NV, false, FMY>(rp, col, values, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb,
+                                              split[p], split[p + 1]);
         else if (n == 0)
-          spmm_rows<S, E, TE, NV, true>(rp, col, values, perm, gval, Xt[n & 1], bias, Y, n_rows, b0, tb, split[p],
-                                        split[p + 1]);
+          spmm_rows<S, E, TE, NV, true, FMY>(rp, col, values, perm, gval, xt.p, xt.ld, bias, Y, ldy, b0, tb,
+                                             split[p], split[p + 1]);
         else
-          spmm_rows<S, E, TE, NV, false>(rp, col, gval, nullptr, nullptr, Xt[n & 1], bias, Y, n_rows, b0, tb,
-                                     split[p], split[p + 1]);
+          spmm_rows<S, E, TE, NV, false, FMY>(rp, col, gval, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb,
+                                              split[p], split[p + 1]);
+      }
+      if (x_fm) {  // the next tile's copy may reuse `own`: no thread may still read this one (rows of other threads)
+#pragma omp barrier
       }
     };
     for (int64_t n = 0; n < head; ++n) tile_by_rows(n);
@@ -520,13 +590,13 @@ void spmm(const E* X, int64_t B, int64_t n_cols, const int32_t* rp, const int32_
       if (head > 0) {
 #pragma omp barrier
       }
-      TE* xt = buf + static_cast<int64_t>(tid) * n_cols * T;
       const E* val = perm ? gval : values;
       for (int64_t n; (n = next_tile.fetch_add(1, std::memory_order_relaxed)) < head + n_whole;) {
         const int64_t b0 = n * T;
         const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-        transpose_tile<S>(X, n_cols, b0, tb, T, 0, n_cols, xt);
-        spmm_rows<S, E, TE, NV, false>(rp, col, val, nullptr, nullptr, xt, bias, Y, n_rows, b0, tb, 0, n_rows);
+        const TileView<S, E, TE> xt = tile_view<S>(X, ldx, x_fm, b0, tb, T, 0, n_cols, own, in_place);
+        spmm_rows<S, E, TE, NV, false, FMY>(rp, col, val, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb, 0,
+                                            n_rows);
       }
       // The tail tiles reuse the shared buffers, which overlap the per-thread ones.
       if (head + n_whole < n_tiles) {
@@ -638,37 +708,38 @@ inline void sddmm_put(V4<S> r, int n, bool first, bool last, S* dacc, E* dout, i
 // dW[k] (+)= <dy, Xt[col[k]]> over one batch tile for the entries k in [k, e) of a row whose dY^T tile row is
 // dy. Entries go four at a time so the horizontal sums share one reduce4; the tail is zero-padded.
 template <class S, class E, class TE, int NV>
-inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, const int32_t* col, int64_t k, int64_t e,
-                          bool first, bool last, S* dacc, E* dout) {
-  constexpr int T = NV * lanes<S>();
+inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, int64_t ldt, const int32_t* col, int64_t k,
+                          int64_t e, bool first, bool last, S* dacc, E* dout) {
   for (; k + 3 < e; k += 4) {
     V<S> s[4];
-    for (int u = 0; u < 4; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * T);
+    for (int u = 0; u < 4; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * ldt);
     sddmm_put<S, E>(reduce4<S>(s), 4, first, last, dacc, dout, k);
   }
   if (k == e) return;
   const int n = static_cast<int>(e - k);
   V<S> s[4] = {V<S>{}, V<S>{}, V<S>{}, V<S>{}};
-  for (int u = 0; u < n; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * T);
+  for (int u = 0; u < n; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * ldt);
   sddmm_put<S, E>(reduce4<S>(s), n, first, last, dacc, dout, k);
 }
 
 // dW at the live connections: dW[k] (+)= sum_b dY[b, j] X[b, col[k]] for k in row j (SDDMM); += with accumulate.
 // Per batch tile of T rows, X and dY are transposed into feature-major buffers (Xt: n_cols x T, dYt: n_rows x T),
 // either shared by the threads (each transposes a share, then a barrier) or, with private_tiles, one pair per
-// thread (each transposes all of Xt and its own rows of dYt: no barrier). Each thread then walks its rows once
-// per column block: in pass q it only reads the entries whose column lies in block q, so the rows of Xt it gathers
-// come from one block small enough for the core's L2 (blocks of `block_cols` columns) instead of the whole tile.
-// Columns are sorted within a row, so the entries of block q are one segment of the row; `seg` holds the segment
-// starts, (n_rows, n_blocks + 1).
+// thread (each transposes all of Xt and its own rows of dYt: no barrier). An operand that is feature-major
+// already (x_fm, dy_fm: rows ldx, ldy apart) is read in place, but for its partial last tile, which is copied.
+// Each thread then walks its rows once per column block: in pass q it only reads the entries whose column lies in
+// block q, so the rows of Xt it gathers come from one block small enough for the core's L2 (blocks of
+// `block_cols` columns) instead of the whole tile. Columns are sorted within a row, so the entries of block q are
+// one segment of the row; `seg` holds the segment starts, (n_rows, n_blocks + 1).
 //
 // Types: dY and X are stored as E, the tile buffers (buf) as TE, the sums are in S. The partial sums of dW live in
 // dacc (S, nnz); with `finish`, the last tile adds its share and writes dout (E, nnz) instead, rounded once for
 // bf16 (for E = S the caller passes dout = dacc).
 template <class S, class E, class TE, int NV>
-void sddmm(const E* dY, const E* X, int64_t B, int64_t n_rows, int64_t n_cols, const int32_t* rp,
-           const int32_t* col, S* dacc, E* dout, const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg,
-           TE* buf, bool accumulate, bool finish, bool private_tiles) {
+void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B,
+           int64_t n_rows, int64_t n_cols, const int32_t* rp, const int32_t* col, S* dacc, E* dout,
+           const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg, TE* buf, bool accumulate, bool finish,
+           bool private_tiles) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
   TE* Xt[2] = {buf, buf + (n_cols + n_rows) * T};
@@ -679,21 +750,31 @@ void sddmm(const E* dY, const E* X, int64_t B, int64_t n_rows, int64_t n_cols, c
     int n = 0;
     for (int64_t b0 = 0; b0 < B; b0 += T, ++n) {
       const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
-      const TE* xt;
-      const TE* yt;
+      TileView<S, E, TE> xt, yt;
       if (private_tiles) {
         TE* xp = buf + static_cast<int64_t>(tid) * (n_cols + n_rows) * T;
         TE* yp = xp + n_cols * T;
-        transpose_tile<S>(X, n_cols, b0, tb, T, 0, n_cols, xp);
-        for (int p = tid; p < nt; p += nth) transpose_tile<S>(dY, n_rows, b0, tb, T, split[p], split[p + 1], yp);
-        xt = xp;
-        yt = yp;
+        xt = tile_view<S>(X, ldx, x_fm, b0, tb, T, 0, n_cols, xp, in_place);
+        yt = {yp, T};
+        if (dy_fm && tb == T && in_place && std::is_same<E, TE>::value) {
+          yt = tile_view<S>(dY, ldy, true, b0, tb, T, 0, n_rows, yp);
+        } else {
+          for (int p = tid; p < nt; p += nth)
+            yt = tile_view<S>(dY, ldy, dy_fm, b0, tb, T, split[p], split[p + 1], yp, false);
+        }
       } else {
-        transpose_tile_share<S>(X, n_cols, b0, tb, T, n_cols, tid, nth, Xt[n & 1]);
-        transpose_tile_share<S>(dY, n_rows, b0, tb, T, n_rows, tid, nth, Yt[n & 1]);
+        auto share = [&](const E* A, int64_t lda, bool fm, int64_t rows, TE* dst) {
+          if (fm && tb == T && in_place && std::is_same<E, TE>::value)
+            return tile_view<S>(A, lda, true, b0, tb, T, 0, rows, dst);
+          const int64_t per = (rows + nth - 1) / nth;
+          const int64_t i0 = tid * per < rows ? tid * per : rows;
+          const int64_t i1 = i0 + per < rows ? i0 + per : rows;
+          tile_view<S>(A, lda, fm, b0, tb, T, i0, i1, dst, false);
+          return TileView<S, E, TE>{dst, T};
+        };
+        xt = share(X, ldx, x_fm, n_cols, Xt[n & 1]);
+        yt = share(dY, ldy, dy_fm, n_rows, Yt[n & 1]);
 #pragma omp barrier
-        xt = Xt[n & 1];
-        yt = Yt[n & 1];
       }
       const bool first = b0 == 0 && !accumulate, last = finish && b0 + T >= B;
       for (int p = tid; p < nt; p += nth) {
@@ -702,8 +783,8 @@ void sddmm(const E* dY, const E* X, int64_t B, int64_t n_rows, int64_t n_cols, c
             const int32_t* sj = seg + j * (n_blocks + 1);
             if (sj[q] == sj[q + 1]) continue;
             DyRow<S, TE, NV> dy;
-            dy.load(yt + j * T);
-            sddmm_segment<S, E, TE, NV>(dy, xt, col, sj[q], sj[q + 1], first, last, dacc, dout);
+            dy.load(yt.p + j * yt.ld);
+            sddmm_segment<S, E, TE, NV>(dy, xt.p, xt.ld, col, sj[q], sj[q + 1], first, last, dacc, dout);
           }
         }
       }

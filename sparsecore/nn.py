@@ -101,6 +101,10 @@ class SparseLinear(nn.Module):
         block_size: BSR block size (default 32); must divide both dimensions; only with ``layout="bsr"``.
         device, dtype: as ``nn.Linear``; dtype must be a floating type.
         generator: ``torch.Generator`` for the random pattern.
+        feature_major: return feature-major outputs (stored (out, B); see :func:`sparsecore.sparse_linear`) even
+            for a row-major input. Chains of sparse layers and elementwise ops (ReLU) then never transpose; code
+            that calls ``.view`` on the output needs ``.reshape`` instead. Off by default; a feature-major input
+            gives a feature-major output either way.
 
     Shapes: input ``(*, in_features)``, output ``(*, out_features)``. Dtypes: float32/float64/bfloat16 on CPU
     (bf16 kernels with fp32 accumulation), float32/float16/bfloat16 on CUDA (Triton); under ``torch.autocast`` the layer computes in the region's dtype
@@ -116,7 +120,7 @@ class SparseLinear(nn.Module):
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, density: Optional[float] = None,
                  pattern: Optional[Pattern] = None, layout: Optional[str] = None, block_size: Optional[int] = None,
-                 device=None, dtype=None, generator: Optional[torch.Generator] = None):
+                 device=None, dtype=None, generator: Optional[torch.Generator] = None, feature_major: bool = False):
         super().__init__()
         in_f, out_f = check_size("in_features", in_features), check_size("out_features", out_features)
         if not isinstance(bias, bool):
@@ -142,6 +146,9 @@ class SparseLinear(nn.Module):
         self.values = nn.Parameter(torch.empty(pattern.values_shape, **factory))
         self.bias = nn.Parameter(torch.empty(out_f, **factory)) if bias else None
         self._warned_dense_weight = False
+        if not isinstance(feature_major, bool):
+            raise TypeError(f"feature_major must be a bool, got {type(feature_major).__name__}")
+        self.feature_major = feature_major
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -274,7 +281,8 @@ class SparseLinear(nn.Module):
 
     # ------------------------------------------------------------------ module plumbing
     def forward(self, input: Tensor) -> Tensor:
-        return sparse_linear(input, self.values, self.pattern, self.bias)
+        return sparse_linear(input, self.values, self.pattern, self.bias,
+                             feature_major=getattr(self, "feature_major", False))
 
     def get_extra_state(self) -> Tensor:
         """The layer's record in a state dict: int64 ``[format, out_features, in_features, block_size]``, a tensor

@@ -31,7 +31,7 @@ from . import _C
 from .backend import resolve
 from .pattern import Pattern
 
-__all__ = ["sparse_linear", "spmm", "spmm_t", "sddmm"]
+__all__ = ["sparse_linear", "feature_major", "spmm", "spmm_t", "sddmm"]
 
 _CPU_DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 _TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -76,54 +76,89 @@ def _check_cpu_dtype(t: Tensor) -> None:
 # The three implementations below pick the backend for the tensors' device and call one kernel; they assume
 # checked inputs (sparse_linear checks) and never record autograd history.
 
+def _is_fm(t: Tensor) -> bool:
+    """Whether a 2-D (B, K) tensor is feature-major: stored as a contiguous (K, B) array, i.e. ``t.t()`` is
+    contiguous and ``t`` is not (the C++ CSR kernels then read and write it in place, without transposing)."""
+    return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride() == (1, t.shape[0])
+
+
+def _storage(t: Tensor):
+    """The numpy array the C++ kernels take for a row-major or feature-major 2-D tensor: (B, K) or (K, B)."""
+    return _np(t.t() if _is_fm(t) else t)
+
+
+def _empty(rows: int, cols: int, dtype: torch.dtype, fm: bool) -> Tensor:
+    """An uninitialised (rows, cols) tensor, feature-major (stored (cols, rows)) with ``fm``."""
+    return torch.empty(cols, rows, dtype=dtype).t() if fm else torch.empty(rows, cols, dtype=dtype)
+
+
+def _row_major(t: Tensor) -> Tensor:
+    return t if t.is_contiguous() else t.contiguous()
+
+
 def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, n_out: int,
-               block_size: int) -> Tensor:
+               block_size: int, out_fm: Optional[bool] = None) -> Tensor:
+    """y (B, n_out) = x W^T + bias. On the C++ CSR kernels x may be row-major or feature-major, and y is
+    feature-major when ``out_fm`` is true (default: x's layout); elsewhere both are row-major."""
     if resolve(x.device) == "triton":
         tk = _triton()
+        x = _row_major(x)
         if block_size == 1:
             return tk.csr_spmm(x, values, rowptr, col, n_out, bias)
         return tk.bsr_spmm(x, values, rowptr, col, n_out, bias)
-    y = torch.empty(x.shape[0], n_out, dtype=x.dtype)
     b = None if bias is None else _np(bias)
     if block_size == 1:
-        _cpu_kernel("spmm", x.dtype)(_np(x), _np(rowptr), _np(col), _np(values), None, b, _np(y),
-                                     torch.get_num_threads())
+        x_fm = _is_fm(x)
+        out_fm = x_fm if out_fm is None else bool(out_fm) and x.shape[0] > 1 and n_out > 1
+        y = _empty(x.shape[0], n_out, x.dtype, out_fm)
+        _cpu_kernel("spmm", x.dtype)(_storage(x), _np(rowptr), _np(col), _np(values), None, b, _storage(y),
+                                     torch.get_num_threads(), x_fm=x_fm, out_fm=out_fm)
     else:
+        x = _row_major(x)
+        y = torch.empty(x.shape[0], n_out, dtype=x.dtype)
         _cpu_kernel("bsr_spmm", x.dtype)(_np(x), _np(rowptr), _np(col), _np(values), b, _np(y),
                                          torch.get_num_threads())
     return y
 
 
 def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: Tensor, n_in: int,
-                 block_size: int) -> Tensor:
+                 block_size: int, out_fm: Optional[bool] = None) -> Tensor:
+    """dx (B, n_in) = dy W; layouts as in :func:`_spmm_impl` (dx feature-major with ``out_fm``, default dy's)."""
     if resolve(dy.device) == "triton":
         tk = _triton()
         if block_size == 1:
             return tk.csr_spmm_t(dy, values, colptr, row, perm, n_in)
-        return tk.bsr_spmm_t(dy, values, colptr, row, perm, n_in)
-    dx = torch.empty(dy.shape[0], n_in, dtype=dy.dtype)
+        return tk.bsr_spmm_t(_row_major(dy), values, colptr, row, perm, n_in)
     if block_size == 1:
-        _cpu_kernel("spmm", dy.dtype)(_np(dy), _np(colptr), _np(row), _np(values), _np(perm), None, _np(dx),
-                                      torch.get_num_threads())
+        dy_fm = _is_fm(dy)
+        out_fm = dy_fm if out_fm is None else bool(out_fm) and dy.shape[0] > 1 and n_in > 1
+        dx = _empty(dy.shape[0], n_in, dy.dtype, out_fm)
+        _cpu_kernel("spmm", dy.dtype)(_storage(dy), _np(colptr), _np(row), _np(values), _np(perm), None,
+                                      _storage(dx), torch.get_num_threads(), x_fm=dy_fm, out_fm=out_fm)
     else:
+        dy = _row_major(dy)
+        dx = torch.empty(dy.shape[0], n_in, dtype=dy.dtype)
         _cpu_kernel("bsr_spmm_t", dy.dtype)(_np(dy), _np(colptr), _np(row), _np(perm), _np(values), _np(dx),
                                             torch.get_num_threads())
     return dx
 
 
 def _sddmm_impl(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: int) -> Tensor:
+    """dW at the live entries; dy and x each row-major or (C++ CSR kernels) feature-major."""
     if resolve(dy.device) == "triton":
         tk = _triton()
+        x = _row_major(x)
         if block_size == 1:
             return tk.csr_sddmm(dy, x, rowptr, col)
-        return tk.bsr_sddmm(dy, x, rowptr, col, block_size)
+        return tk.bsr_sddmm(_row_major(dy), x, rowptr, col, block_size)
     nnz = col.shape[0]
     shape = (nnz,) if block_size == 1 else (nnz, block_size, block_size)
     out = torch.empty(shape, dtype=dy.dtype)
     if block_size == 1:
-        _cpu_kernel("sddmm", dy.dtype)(_np(dy), _np(x), _np(rowptr), _np(col), _np(out), torch.get_num_threads())
+        _cpu_kernel("sddmm", dy.dtype)(_storage(dy), _storage(x), _np(rowptr), _np(col), _np(out),
+                                       torch.get_num_threads(), dy_fm=_is_fm(dy), x_fm=_is_fm(x))
     else:
-        _cpu_kernel("bsr_sddmm", dy.dtype)(_np(dy), _np(x), _np(rowptr), _np(col), _np(out),
+        _cpu_kernel("bsr_sddmm", dy.dtype)(_np(_row_major(dy)), _np(_row_major(x)), _np(rowptr), _np(col), _np(out),
                                            torch.get_num_threads())
     return out
 
@@ -142,7 +177,7 @@ def spmm(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col:
          row: Tensor, perm: Tensor, n_out: int, block_size: int) -> Tensor:
     """y (B, n_out) = x (B, in) W^T + bias: x, values (nnz,) or (nnz, bs, bs), bias (n_out,) or None of one dtype
     (CPU: float32, float64, bfloat16); y has it too. Inputs are assumed checked (see :func:`sparse_linear`)."""
-    return _spmm_impl(x, values, bias, rowptr, col, n_out, block_size)
+    return _spmm_impl(_row_major(x), values, bias, rowptr, col, n_out, block_size, out_fm=False)
 
 
 @spmm.register_fake
@@ -154,7 +189,7 @@ def _(x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size):
 def spmm_t(dy: Tensor, values: Tensor, rowptr: Tensor, col: Tensor, colptr: Tensor, row: Tensor, perm: Tensor,
            n_in: int, block_size: int) -> Tensor:
     """dx (B, n_in) = dy (B, out) W, over the column-ordered index (W^T's values are values[perm])."""
-    return _spmm_t_impl(dy, values, colptr, row, perm, n_in, block_size)
+    return _spmm_t_impl(_row_major(dy), values, colptr, row, perm, n_in, block_size, out_fm=False)
 
 
 @spmm_t.register_fake
@@ -169,7 +204,7 @@ def sddmm(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, colptr: Tensor, ro
 
     dy (B, out) and x (B, in) of one dtype (CPU: float32, float64, bfloat16); dW has it too (bf16: the sum over
     the whole batch is taken in fp32 and rounded once)."""
-    return _sddmm_impl(dy, x, rowptr, col, block_size)
+    return _sddmm_impl(_row_major(dy), _row_major(x), rowptr, col, block_size)
 
 
 @sddmm.register_fake
@@ -181,10 +216,13 @@ def _(dy, x, rowptr, col, colptr, row, perm, block_size):
 
 # ---- autograd of the ops: y = x W^T + b is bilinear in (x, W), so every gradient is one of the three ops
 def _grad_layout(dy: Tensor, block_size: int) -> Tensor:
-    """dy as the backward kernels read it: row-major, except for the Triton CSR kernels, which read it
-    feature-major in both dX and dW; a (B, out) view of one (out, B) copy, made here once instead of in each."""
+    """dy as the backward kernels read it: the Triton CSR kernels read it feature-major in both dX and dW (a
+    (B, out) view of one (out, B) copy, made here once instead of in each); the C++ CSR kernels take it row-major
+    or feature-major as it comes; the BSR kernels row-major."""
     if block_size == 1 and resolve(dy.device) == "triton":
         return dy.t().contiguous().t()
+    if block_size == 1 and _is_fm(dy):
+        return dy
     return dy.contiguous()
 
 
@@ -283,10 +321,10 @@ for _op in (spmm, spmm_t, sddmm):
 # mode on inside it) goes through the differentiable Functions below, so gradients of gradients are exact; the
 # usual backward calls the kernels directly.
 
-def _eager_spmm_t(dy, values, p):
+def _eager_spmm_t(dy, values, p, out_fm=None):
     if torch.is_grad_enabled() and (dy.requires_grad or values.requires_grad):
         return _EagerSpmmT.apply(dy, values, p)
-    return _spmm_t_impl(dy, values, p.colptr, p.row, p.perm, p.shape[1], p.block_size)
+    return _spmm_t_impl(dy, values, p.colptr, p.row, p.perm, p.shape[1], p.block_size, out_fm)
 
 
 def _eager_sddmm(dy, x, p):
@@ -297,28 +335,31 @@ def _eager_sddmm(dy, x, p):
 
 def _eager_spmm(x, values, p):
     if torch.is_grad_enabled() and (x.requires_grad or values.requires_grad):
-        return _EagerSparseLinear.apply(x, values, None, p)
+        return _EagerSparseLinear.apply(x, values, None, p, None)
     return _spmm_impl(x, values, None, p.rowptr, p.col, p.shape[0], p.block_size)
 
 
 class _EagerSparseLinear(torch.autograd.Function):
-    """y = x W^T + b (the ``spmm`` op without the dispatcher)."""
+    """y = x W^T + b (the ``spmm`` op without the dispatcher). dX comes back in x's layout (row-major or
+    feature-major), so that the ReLU before the layer sees its output and its gradient in one layout (mixed
+    layouts make torch's elementwise backward ~30x slower)."""
 
     @staticmethod
-    def forward(ctx, x, values, bias, pattern):
+    def forward(ctx, x, values, bias, pattern, out_fm):
         ctx.save_for_backward(x, values)
         ctx.pattern, ctx.has_bias = pattern, bias is not None
-        return _spmm_impl(x, values, bias, pattern.rowptr, pattern.col, pattern.shape[0], pattern.block_size)
+        return _spmm_impl(x, values, bias, pattern.rowptr, pattern.col, pattern.shape[0], pattern.block_size,
+                          out_fm)
 
     @staticmethod
     def backward(ctx, dy):
         x, values = ctx.saved_tensors
         p, (need_x, need_v, need_b) = ctx.pattern, ctx.needs_input_grad[:3]
         dy = _grad_layout(dy, p.block_size)
-        dx = _eager_spmm_t(dy, values, p) if need_x else None
+        dx = _eager_spmm_t(dy, values, p, _is_fm(x)) if need_x else None
         dv = _eager_sddmm(dy, x, p) if need_v else None
         db = dy.sum(0) if (ctx.has_bias and need_b) else None
-        return dx, dv, db, None
+        return dx, dv, db, None, None
 
 
 class _EagerSpmmT(torch.autograd.Function):
@@ -357,8 +398,14 @@ class _EagerSddmm(torch.autograd.Function):
 
 
 # ----------------------------------------------------------------------------------------------- user entry
-def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Tensor] = None) -> Tensor:
+def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Tensor] = None, *,
+                  feature_major: bool = False) -> Tensor:
     """``y = x W^T + bias`` with W given by ``pattern`` and ``values`` (CSR order, shape ``pattern.values_shape``).
+
+    Layout: a 2-D x may be row-major or feature-major (``x.t()`` contiguous, see :func:`sparsecore.feature_major`);
+    the CPU CSR kernels read either in place, and y comes back in x's layout, or feature-major with
+    ``feature_major=True``. Between sparse layers, feature-major activations save every transpose of a batch
+    tile; a feature-major tensor is not contiguous, so ``.view`` on it fails (``.reshape`` works).
 
     x: (..., in_features); values: ``pattern.values_shape``; bias: (out_features,) or None. All three of one
     floating dtype: float32, float64 or bfloat16 on the CPU (bf16: fp32 accumulation, outputs rounded once to
@@ -396,15 +443,30 @@ def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Te
         raise TypeError(f"the Triton kernels support {_TRITON_DTYPES}, got {x.dtype}")
     # A 2-D input goes in as it is: a reshape would add two view nodes to the autograd graph (~20 us a step).
     x2 = x if x.dim() == 2 else x.reshape(-1, in_f)
-    if not x2.is_contiguous():
+    compiling = torch.compiler.is_compiling()
+    in_place_layouts = backend == "cpu" and pattern.block_size == 1 and not compiling  # row- or feature-major
+    if not (x2.is_contiguous() or (in_place_layouts and _is_fm(x2))):
         x2 = x2.contiguous()
     values = values if values.is_contiguous() else values.contiguous()
-    if torch.compiler.is_compiling():
+    out_fm = (feature_major or _is_fm(x2)) if in_place_layouts else False
+    if compiling:
         y = spmm(x2, values, bias, pattern.rowptr, pattern.col, pattern.colptr, pattern.row, pattern.perm, out_f,
                  pattern.block_size)
     elif torch.is_grad_enabled() and (x2.requires_grad or values.requires_grad
                                       or (bias is not None and bias.requires_grad)):
-        y = _EagerSparseLinear.apply(x2, values, bias, pattern)
+        y = _EagerSparseLinear.apply(x2, values, bias, pattern, out_fm)
     else:  # inference: no graph to record, so no autograd.Function (~15 us a call)
-        y = _spmm_impl(x2, values, bias, pattern.rowptr, pattern.col, out_f, pattern.block_size)
+        y = _spmm_impl(x2, values, bias, pattern.rowptr, pattern.col, out_f, pattern.block_size, out_fm)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], out_f)
+
+
+def feature_major(x: Tensor) -> Tensor:
+    """``x`` (B, K) with the same values stored feature-major, as a contiguous (K, B) array (``x.t()`` of it is
+    contiguous). Sparse layers read such inputs in place and return outputs in the same layout, so converting a
+    model's input once keeps every activation between its sparse layers feature-major (see
+    :func:`sparse_linear`). Differentiable; returns x itself when it already is feature-major."""
+    if x.dim() != 2:
+        raise ValueError(f"feature_major takes a 2-D (batch, features) tensor, got shape {tuple(x.shape)}")
+    if _is_fm(x):
+        return x
+    return x.t().contiguous().t()

@@ -968,3 +968,26 @@ def test_rigl_without_annealing_on_a_per_epoch_schedule():
     assert u.n_updates == 3
     for rec in u.history:
         assert rec["grown"] == rec["pruned"] == round(0.2 * rec["nnz"])
+
+
+def test_epoch_length_lets_an_epoch_end_schedule_record_only_the_window():
+    model = mlp([32, 40, 4], density=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x, y = easy_data()
+    u = Updater(model, opt, "ctre", seed=1, epoch_length=8, total_epochs=3, max_samples=32)  # window: 2 steps of 16
+    calls = []
+    orig = ActivationStats.add
+    ActivationStats.add = lambda self, a, b: (calls.append(u.t), orig(self, a, b))[1]
+    try:
+        for epoch in range(3):
+            train_steps(model, opt, u, x, y, 8, batch=16, start=8 * epoch)
+            u.epoch_end()
+    finally:
+        ActivationStats.add = orig
+    assert u.n_updates == 2
+    assert sorted(set(calls)) == [6, 7, 14, 15]  # steps 7-8 and 15-16 (t counts finished steps); none in the last
+    # an epoch shorter than promised leaves the window empty: a clear error, not an update from nothing
+    u2 = Updater(mlp([32, 40, 4], density=0.3), None, "ctre", epoch_length=50, max_samples=32)
+    train_steps(u2.model, torch.optim.SGD(u2.model.parameters(), lr=0.05), u2, x, y, 8, batch=16)
+    with pytest.raises(RuntimeError, match="epoch_length=50"):
+        u2.epoch_end()

@@ -131,6 +131,9 @@ class MLP(nn.Sequential):
         super().__init__(*mods)
         self.method = method
         self.widths = [layers[0].in_features] + [layer.out_features for layer in layers]
+        for layer in layers:  # activations between the layers stay feature-major: no tile transposes (ops.py)
+            if isinstance(layer, SparseLinear):
+                layer.feature_major = True
         self.info = info or {}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -436,6 +439,8 @@ def make_updater(method: str, model: nn.Module, optimizer: torch.optim.Optimizer
         kw["every"] = None if every is None else int(every)
     elif method in _STEP_METHODS:
         kw["every"] = max(1, min(100, int(steps_per_epoch)))
+    else:  # per epoch, at epoch_end(): the epoch's length lets CTRE/G2G record statistics in its last steps only
+        kw["epoch_length"] = int(steps_per_epoch)
     if "zeta" in opts:
         kw["zeta"] = opts.pop("zeta")
     sparse = [m for m in model.modules() if isinstance(m, SparseLinear)]

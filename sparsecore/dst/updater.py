@@ -54,7 +54,9 @@ output of the model's output layer (its last ``nn.Linear``/``SparseLinear``), Re
 Schedule: ``every`` = an int rewires every ``every`` optimizer steps (in :meth:`step`); ``every=None`` takes the
 method's default (per epoch for set/ctre/g2g, ``delta_t`` steps for rigl/gmp/etsm); ``per_epoch=True`` forces
 per-epoch updates. Epochs end when the training loop calls :meth:`epoch_end`, or, when ``steps_per_epoch`` is
-given, every ``steps_per_epoch`` steps inside :meth:`step` (:meth:`epoch_end` then does nothing). With
+given, every ``steps_per_epoch`` steps inside :meth:`step` (:meth:`epoch_end` then does nothing). ``epoch_length``
+(steps) tells an :meth:`epoch_end`-driven schedule how long an epoch is, so that CTRE/G2G window statistics record
+only its last steps (without it they record every step, always correct but not free). With
 ``total_epochs`` (or ``total_steps`` and ``steps_per_epoch``) the update after the last epoch is skipped, as
 SET's reference does. No update ever happens before the first optimizer step, nor twice without a step between.
 
@@ -118,14 +120,15 @@ class Updater:
         total_steps: training length in optimizer steps (RigL's ``T_end``, GMP's default ``end``).
         seed: seed of every random choice.
         layers: SparseLinear modules (or their names in the model) to update instead of all of them.
-        per_epoch, steps_per_epoch, total_epochs: the per-epoch schedule (module docstring).
+        per_epoch, steps_per_epoch, total_epochs, epoch_length: the per-epoch schedule (module docstring).
         **options: the method's options (module docstring); unknown names are an error.
     """
 
     def __init__(self, model: nn.Module, optimizer=None, method: str = "set", zeta: Optional[float] = None,
                  every: Optional[int] = None, total_steps: Optional[int] = None, seed: int = 0, *,
                  layers: Optional[Sequence] = None, per_epoch: Optional[bool] = None,
-                 steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None, **options):
+                 steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None,
+                 epoch_length: Optional[int] = None, **options):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         opts = dict(_COMMON)
@@ -174,6 +177,11 @@ class Updater:
             raise ValueError(f"every must be a positive int, got {every!r}")
         self.per_epoch, self.every = bool(per_epoch), every
         self.steps_per_epoch = None if steps_per_epoch is None else int(steps_per_epoch)
+        if epoch_length is not None and (isinstance(epoch_length, bool) or not isinstance(epoch_length, int)
+                                         or epoch_length < 1):
+            raise ValueError(f"epoch_length must be a positive int (steps), got {epoch_length!r}")
+        self.epoch_length = epoch_length
+        self._epoch_start_t = 0  # step count when the current epoch began (epoch_end-driven schedules)
         if total_epochs is None and self.total_steps and self.steps_per_epoch:
             total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.total_epochs = total_epochs
@@ -279,10 +287,17 @@ class Updater:
     # ------------------------------------------------------------------ schedule internals
     def _epoch_tick(self) -> bool:
         self.epoch += 1
+        started, self._epoch_start_t = self._epoch_start_t, self.t
         if self.total_epochs is not None and self.epoch >= self.total_epochs:
             return False  # not after the last epoch
         if self.t == 0 or self._last_update_t == self.t:
             return False  # never before any training step (no scores yet), never twice at one step
+        if self.epoch_length and self.t - started < self.epoch_length and self.method in ("ctre", "g2g"):
+            empty = [i for i, st in enumerate(self._stats) if st is not None and st.mode == "window" and st.n == 0]
+            if empty and not (self.method == "ctre" and self.phase == "random"):
+                raise RuntimeError(f"{self.method}: this epoch had {self.t - started} steps, fewer than epoch_length="
+                                   f"{self.epoch_length} minus the statistics window, so layers {empty} recorded "
+                                   "nothing: pass the epoch's real length as epoch_length (or none)")
         self.update()
         return True
 
@@ -361,7 +376,11 @@ class Updater:
         t_next = self.t + 1  # the step whose forward pass is running
         if self.per_epoch:
             if not self.steps_per_epoch:
-                return True
+                if not self.epoch_length:
+                    return True
+                if self.total_epochs is not None and self.epoch + 1 >= self.total_epochs:
+                    return False  # the last epoch: no update after it
+                return t_next - self._epoch_start_t > self.epoch_length - self._window_steps
             spe = self.steps_per_epoch
             due = -(-t_next // spe) * spe  # the step that ends this epoch
             if self.total_epochs is not None and due // spe >= self.total_epochs:
@@ -589,7 +608,7 @@ class Updater:
         return {
             "method": self.method, "t": self.t, "epoch": self.epoch, "n_updates": self.n_updates,
             "last_update_t": self._last_update_t, "phase": self.phase, "best_val": self.best_val,
-            "bad_epochs": self.bad_epochs, "armed": self._armed,
+            "bad_epochs": self.bad_epochs, "armed": self._armed, "epoch_start_t": self._epoch_start_t,
             "s_init": getattr(self, "_s_init", None),
             "reservoir_rng": self._res_gen.get_state(),
             "stats": [None if s is None else s.state_dict() for s in self._stats],
@@ -602,6 +621,7 @@ class Updater:
         self._last_update_t = int(sd["last_update_t"])
         self.phase, self.best_val, self.bad_epochs = sd["phase"], sd["best_val"], int(sd["bad_epochs"])
         self._armed = bool(sd["armed"])
+        self._epoch_start_t = int(sd.get("epoch_start_t", 0))
         if sd.get("s_init") is not None:
             self._s_init = list(sd["s_init"])
         self._res_gen.set_state(sd["reservoir_rng"])

