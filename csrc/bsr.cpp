@@ -59,7 +59,7 @@ static void bsr_spmm_run(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<
   require(bs > 0 && n_in % bs == 0, std::string(name) + ": input width must be a multiple of the block size");
   require(Y.shape(0) == B && Y.shape(1) == n_brows * bs, std::string(name) + ": output has the wrong shape");
   require(numel(idx) == values.shape(0), std::string(name) + ": index and values disagree on nnz");
-  const int nt = clamp_threads(nthreads);
+  const int nt = threads_for_work(nthreads, values.shape(0) * int64_t(bs) * bs * B);
   const bool use_avx2 = cpu_has_avx2();
   const int L = (use_avx2 ? 32 : 16) / int(sizeof(S));
   const int NV = B <= L ? 1 : 2;  // T = 16 fp32 rows: the tile stays in L2 (see kernels.cpp)
@@ -138,7 +138,7 @@ void bsr_sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr,
   const int64_t B = X.shape(0), n_in = X.shape(1), n_out = dY.shape(1);
   require(dY.shape(0) == B && n_out == (numel(rowptr) - 1) * bs, "bsr_sddmm: dY has the wrong shape");
   require(numel(col) == dval.shape(0), "bsr_sddmm: out must have nnzb blocks");
-  const int nt = clamp_threads(nthreads);
+  const int nt = threads_for_work(nthreads, numel(col) * int64_t(bs) * bs * B);
   const int32_t* rp = rowptr.data();
   const int32_t* ci = col.data();
   const E* yp = reinterpret_cast<const E*>(dY.data());

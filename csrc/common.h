@@ -52,4 +52,19 @@ inline int team_size() {
 // Number of threads for one kernel call: the caller passes torch.get_num_threads().
 inline int clamp_threads(int n) { return n < 1 ? 1 : n; }
 
+// The least work (multiply-adds: stored weights x batch rows) that a second thread must get: below it, starting
+// and joining a parallel region and its barriers cost more than the thread saves, so a kernel never gets slower
+// with more threads. Settable for tuning (_C._set_min_work_per_thread); see kernels.cpp for the measurement.
+inline int64_t& min_work_per_thread() {
+  static int64_t w = 400000;
+  return w;
+}
+
+// Threads for a kernel call of `work` multiply-adds: at most n, and each with at least min_work_per_thread().
+inline int threads_for_work(int n, int64_t work) {
+  const int64_t most = work / (min_work_per_thread() > 0 ? min_work_per_thread() : 1);
+  const int nt = clamp_threads(n);
+  return most < nt ? (most < 1 ? 1 : int(most)) : nt;
+}
+
 }  // namespace sc

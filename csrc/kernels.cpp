@@ -206,7 +206,7 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
     perm = exact_array<int32_t>(perm_obj, "spmm: perm");
     require(numel(perm) == numel(values), "spmm: perm must have nnz elements");
   }
-  const int nt = clamp_threads(nthreads);
+  const int nt = threads_for_work(nthreads, numel(values) * B);
   const int32_t* rp = rowptr.data();
   const int32_t* ci = col.data();
   const E* xp = reinterpret_cast<const E*>(X.data());
@@ -286,7 +286,7 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   require(dY.shape(dy_fm ? 1 : 0) == B && dY.shape(dy_fm ? 0 : 1) == n_rows,
           dy_fm ? "sddmm: dY must have shape (n_rows, batch)" : "sddmm: dY must have shape (batch, n_rows)");
   require(numel(dval) == numel(col), "sddmm: dval must have nnz elements");
-  const int nt = clamp_threads(nthreads);
+  const int nt = threads_for_work(nthreads, numel(col) * B);
   const int32_t* rp = rowptr.data();
   const int32_t* ci = col.data();
   const E* xp = reinterpret_cast<const E*>(X.data());
@@ -392,6 +392,8 @@ void bind_kernels(py::module_& m) {
         py::arg("nthreads"), py::arg("dy_fm") = false, py::arg("x_fm") = false,
         "sddmm on bfloat16 data: dy, x and out are int16 views of bf16 tensors (fp32 accumulation over the whole "
         "batch, each output rounded once to nearest even)");
+  m.def("_set_min_work_per_thread", [](int64_t w) { sc::min_work_per_thread() = w < 0 ? 400000 : w; },
+        "tuning hook: the least multiply-adds a second kernel thread must get (negative = default 400000)");
   m.def("_set_fm_in_place_reads", [](double r) { g_fm_in_place_reads = r < 0 ? 8.0 : r; },
         "tuning hook: feature-major tiles are read in place while nnz / n_cols is below this (negative = default 8)");
   m.def("_set_tile_vectors", [](int nv) { g_nv_override = nv; }, "tuning hook: vectors per batch tile (0 = auto)");

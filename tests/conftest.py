@@ -80,3 +80,12 @@ def check_step_vs_reference(p, w, batch, gen):
     torch.testing.assert_close(values.grad.double(), p.gather(dw_ref), **t)
     torch.testing.assert_close(bias.grad.double(), db_ref, **t)
     assert y.dtype == dtype and values.grad.shape == values.shape
+
+
+@pytest.fixture(autouse=True)
+def _threads_even_for_small_kernels():
+    """Small kernels run on one thread (below _C's minimum work per thread); the tests' sizes are small, so they
+    lift that minimum, or the multi-threaded work splits would never run here."""
+    _C._set_min_work_per_thread(0)
+    yield
+    _C._set_min_work_per_thread(-1)

@@ -357,3 +357,27 @@ def test_feature_major_training_step_and_gradcheck(gen):
     assert torch.autograd.gradgradcheck(lambda t: chain(t, True), (xf,))
     for layer in layers:
         layer.feature_major = False
+
+
+def test_small_kernels_run_on_one_thread_with_the_same_bits(gen):
+    """Below the minimum work per thread a kernel runs on one thread; the result is the one the threaded split
+    gives (each output is summed in the same order whatever the split)."""
+    mask = random_mask(64, 80, 0.1, gen)
+    p = Pattern.from_mask(mask)
+    w = torch.randn(64, 80, generator=gen) * mask
+    old = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        outs = []
+        for minimum in (0, -1):  # 0: two threads even here; -1: the default (one thread at this size)
+            _C._set_min_work_per_thread(minimum)
+            v = p.gather(w).requires_grad_()
+            x = torch.randn(40, 80, generator=torch.Generator().manual_seed(5), requires_grad=True)
+            y = sparse_linear(x, v, p)
+            y.square().sum().backward()
+            outs.append((y.detach(), x.grad, v.grad))
+    finally:
+        _C._set_min_work_per_thread(0)
+        torch.set_num_threads(old)
+    assert all(torch.equal(a, b) for a, b in zip(*outs))
+    check_step_vs_reference(p, w, 40, gen)
