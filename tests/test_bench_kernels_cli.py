@@ -58,3 +58,19 @@ def test_bench_rejects_bad_arguments(argv):
     with pytest.raises(SystemExit) as e:
         main(argv)
     assert e.value.code == 2
+
+
+def test_bench_sweep_and_bsr_rows(tmp_path, capsys):
+    out, png = tmp_path / "s.json", tmp_path / "s.png"
+    rc = main(["--sizes", "32,64", "--batches", "8,16", "--densities", "0.25", "--repeat", "2", "--block", "1",
+               "--warmup", "1", "--impls", "sparsecore,sparsecore-bsr", "--block-size", "16", "--json", str(out),
+               "--plot", str(png)])
+    assert rc == 0
+    d = json.loads(out.read_text())
+    assert [(r["width"], r["batch"]) for r in d["sweep"]] == [(32, 8), (32, 16), (64, 8), (64, 16)]
+    for r in d["sweep"]:
+        assert set(r["speedup"]) == {"sparsecore", "sparsecore-bsr"} and all(v > 0 for v in r["speedup"].values())
+    pytest.importorskip("matplotlib")
+    assert png.stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["--sizes", "32"])  # a sweep needs both lists

@@ -7,7 +7,13 @@ torch's default, then forward, then backward to the input, the weights and the b
     dense*mask   nn.Linear with its weight multiplied by a 0/1 mask (what most sparse-training code does)
     torch.sparse a CSR weight with autograd (torch.sparse.mm)
     sparseprop   sparseprop.modules.SparseLinear, when that package is installed
+    sparselab    sparselab.SparseLinear (Padded-CSR, padding 0), when that package is installed
     sparsecore   sparsecore.SparseLinear (CSR, C++ kernels)
+    sparsecore-bsr  sparsecore.SparseLinear with block_size x block_size blocks (``--block-size``, 32)
+
+With ``--sizes`` and ``--batches`` it runs the scaling sweep instead: square layers of each width at each batch,
+dense and sparsecore (CSR, and BSR with ``--impls``) at each density, a table of speed-ups and, with ``--plot``,
+a PNG of speed-up against width and against batch.
 
 Steps are timed as a training loop runs them: in blocks of ``--block`` consecutive steps of one implementation,
 after one untimed step that pays for the caches the previous implementation evicted (dense's step writes a
@@ -38,14 +44,13 @@ from .train import machine_info as _train_machine_info
 def machine_info() -> Dict[str, object]:
     """:func:`sparsecore.apps.train.machine_info` plus the version of sparseprop when it is installed."""
     info = dict(_train_machine_info())
-    try:
-        from importlib.metadata import version
+    from importlib.metadata import PackageNotFoundError, version
 
-        import sparseprop  # noqa: F401
-
-        info["sparseprop"] = version("sparseprop")
-    except Exception:
-        pass
+    for peer in ("sparseprop", "sparselab"):
+        try:
+            info[peer] = version(peer)
+        except PackageNotFoundError:
+            pass
     return info
 
 
@@ -69,7 +74,7 @@ class Impl:
 
 
 def make_impls(out_f: int, in_f: int, batch: int, density: float, dtype: torch.dtype, seed: int,
-               include: List[str]) -> List[Impl]:
+               include: List[str], block_size: int = 32) -> List[Impl]:
     gen = torch.Generator().manual_seed(seed)
     lin = nn.Linear(in_f, out_f, dtype=dtype)
     from ..topology import uniform
@@ -117,16 +122,36 @@ def make_impls(out_f: int, in_f: int, batch: int, density: float, dtype: torch.d
             sp = SPLinear.from_dense(ref)
             impls.append(Impl("sparseprop", run(lambda: sp(x), list(sp.parameters())), lambda: _tensor_bytes(
                 sp.W_val, sp.W_val.grad, sp.bias, None if sp.bias is None else sp.bias.grad, *sp.W_idx)))
+    if "sparselab" in include and dtype == torch.float32:
+        try:
+            import sparselab
+        except Exception:
+            sparselab = None
+        if sparselab is not None:
+            torch.manual_seed(seed)
+            with warnings.catch_warnings():  # torch's "sparse CSR support is in beta", raised by its constructor
+                warnings.simplefilter("ignore")
+                lab = sparselab.SparseLinear(in_f, out_f, sparsity=1.0 - density, padding_ratio=0.0)
+            params = list(lab.parameters())
+            impls.append(Impl("sparselab", run(lambda: lab(x), params), lambda: _tensor_bytes(
+                *params, *(p.grad for p in params), *lab.buffers())))
     if "sparsecore" in include:
         sl = SparseLinear(in_f, out_f, pattern=pattern, dtype=dtype)
         impls.append(Impl("sparsecore", run(lambda: sl(x), list(sl.parameters())), lambda: _tensor_bytes(
             sl.values, sl.values.grad, sl.bias, sl.bias.grad, *sl.pattern.tensors().values())))
+    if "sparsecore-bsr" in include and out_f % block_size == 0 and in_f % block_size == 0:
+        from ..topology import random_blocks
+
+        bl = SparseLinear(in_f, out_f, dtype=dtype, pattern=random_blocks(out_f, in_f, density, block_size,
+                                                                           generator=gen))
+        impls.append(Impl("sparsecore-bsr", run(lambda: bl(x), list(bl.parameters())), lambda: _tensor_bytes(
+            bl.values, bl.values.grad, bl.bias, bl.bias.grad, *bl.pattern.tensors().values())))
     return impls
 
 
 def bench_density(out_f, in_f, batch, density, dtype, repeat, warmup, seed, include,
-                  block: int = 1) -> Dict[str, Dict[str, float]]:
-    impls = make_impls(out_f, in_f, batch, density, dtype, seed, include)
+                  block: int = 1, block_size: int = 32) -> Dict[str, Dict[str, float]]:
+    impls = make_impls(out_f, in_f, batch, density, dtype, seed, include, block_size)
     for impl in impls:
         for _ in range(warmup):
             impl.step()
@@ -160,7 +185,69 @@ def format_table(results: List[dict], names: List[str]) -> str:
     return "\n".join(lines)
 
 
-ALL = ["dense", "dense*mask", "torch.sparse", "sparseprop", "sparsecore"]
+ALL = ["dense", "dense*mask", "torch.sparse", "sparseprop", "sparselab", "sparsecore", "sparsecore-bsr"]
+DEFAULT_IMPLS = ["dense", "dense*mask", "torch.sparse", "sparseprop", "sparselab", "sparsecore"]
+
+
+def _ints(s: str, name: str) -> List[int]:
+    try:
+        v = [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{name} must be comma-separated integers, got {s!r}") from None
+    if not v or min(v) < 1:
+        raise argparse.ArgumentTypeError(f"{name} must be positive integers, got {s!r}")
+    return v
+
+
+def sweep(sizes: List[int], batches: List[int], densities: List[float], dtype, repeat, warmup, seed, include,
+          block, block_size, say=print) -> List[dict]:
+    """Speed-ups of square layers of each width at each batch and density (one run; each cell's ratio is taken
+    against dense timed in the same round-robin)."""
+    rows = []
+    for n in sizes:
+        for b in batches:
+            for d in densities:
+                r = bench_density(n, n, b, d, dtype, repeat, warmup, seed, include, block, block_size)
+                base = r["dense"]["median_ms"]
+                row = {"width": n, "batch": b, "density": d, "dense_ms": base,
+                       "speedup": {k: base / v["median_ms"] for k, v in r.items() if k != "dense"},
+                       "impls": r}
+                rows.append(row)
+                say(f"  {n}x{n} batch {b:5d} density {d:g}: dense {base:8.2f} ms, " +
+                    ", ".join(f"{k} {v:.2f}x" for k, v in row["speedup"].items()))
+    return rows
+
+
+def plot_sweep(rows: List[dict], path: str) -> Optional[str]:
+    """Speed-up of sparsecore (CSR) against width (one line per batch and density) and against batch."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot"
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    keys = sorted({(r["batch"], r["density"]) for r in rows})
+    for k, (b, d) in enumerate(keys):
+        pts = sorted((r["width"], r["speedup"].get("sparsecore")) for r in rows if (r["batch"], r["density"]) == (b, d))
+        axes[0].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"batch {b}, density {d:g}",
+                     color=f"C{k % 10}")
+    keys = sorted({(r["width"], r["density"]) for r in rows})
+    for k, (w, d) in enumerate(keys):
+        pts = sorted((r["batch"], r["speedup"].get("sparsecore")) for r in rows if (r["width"], r["density"]) == (w, d))
+        axes[1].plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=f"{w}x{w}, density {d:g}",
+                     color=f"C{k % 10}")
+    axes[0].set(xscale="log", yscale="log", xlabel="width (square layer)", ylabel="speed-up (dense time / ours)",
+                title="training-step speed-up vs width")
+    axes[1].set(xscale="log", yscale="log", xlabel="batch", ylabel="speed-up (dense time / ours)",
+                title="training-step speed-up vs batch")
+    for ax in axes:
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return None
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -175,7 +262,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--block", type=int, default=5, help="consecutive timed steps of one implementation per turn")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
-    ap.add_argument("--impls", default=",".join(ALL), help=f"subset of {','.join(ALL)}")
+    ap.add_argument("--impls", default=",".join(DEFAULT_IMPLS), help=f"subset of {','.join(ALL)}")
+    ap.add_argument("--block-size", type=int, default=32, help="block size of sparsecore-bsr")
+    ap.add_argument("--sizes", default=None, help="scaling sweep: comma-separated widths of square layers")
+    ap.add_argument("--batches", default=None, help="scaling sweep: comma-separated batch sizes")
+    ap.add_argument("--plot", default=None, help="scaling sweep: write the speed-up plot (PNG) here")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="also write the results here")
     args = ap.parse_args(argv)
@@ -189,12 +280,34 @@ def main(argv: Optional[List[str]] = None) -> int:
     unknown = set(include) - set(ALL)
     if unknown:
         ap.error(f"unknown implementations {sorted(unknown)}; choose from {ALL}")
-    if min(args.out_features, args.in_features, args.batch, args.repeat, args.block) < 1:
-        ap.error("sizes, batch, repeat and block must be positive")
+    if min(args.out_features, args.in_features, args.batch, args.repeat, args.block, args.block_size) < 1:
+        ap.error("sizes, batch, repeat, block and block size must be positive")
+    if (args.sizes is None) != (args.batches is None):
+        ap.error("the scaling sweep needs both --sizes and --batches")
+    try:
+        sizes = _ints(args.sizes, "--sizes") if args.sizes else None
+        batches = _ints(args.batches, "--batches") if args.batches else None
+    except argparse.ArgumentTypeError as e:
+        ap.error(str(e))
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, args.dtype)
     info = machine_info()
+    if sizes:
+        if "dense" not in include:
+            include = ["dense"] + include
+        print(f"sparsecore bench: scaling sweep, widths {sizes}, batches {batches}, densities {densities}, "
+              f"{args.dtype}, {torch.get_num_threads()} threads; speed-up = dense time / time", flush=True)
+        rows = sweep(sizes, batches, densities, dtype, args.repeat, args.warmup, args.seed, include, args.block,
+                     args.block_size, say=lambda t: print(t, flush=True))
+        note = plot_sweep(rows, args.plot) if args.plot else None
+        if args.plot:
+            print(note or f"wrote {args.plot}")
+        if args.json:
+            write_text_atomic(json.dumps({"sweep": rows, "dtype": args.dtype, "repeat": args.repeat,
+                                          "block": args.block, "machine": info}, indent=2) + "\n", args.json)
+            print(f"wrote {args.json}")
+        return 0
     print(f"sparsecore bench: one training step (forward + backward) of a {args.out_features}x{args.in_features} "
           f"linear layer, batch {args.batch}, {args.dtype}")
     print("machine: " + ", ".join(f"{k}={v}" for k, v in info.items()))
@@ -207,7 +320,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         t0 = time.perf_counter()
         print(f"  density {d:g}: timing {len(include)} implementations ...", end="", flush=True)
         r = bench_density(args.out_features, args.in_features, args.batch, d, dtype, args.repeat, args.warmup,
-                          args.seed, include, args.block)
+                          args.seed, include, args.block, args.block_size)
         results.append({"density": d, "impls": r})
         base, ours = r.get("dense", {}).get("median_ms"), r.get("sparsecore", {}).get("median_ms")
         print(f" {time.perf_counter() - t0:.0f} s" + (f", sparsecore {base / ours:.2f}x dense" if base and ours
@@ -215,11 +328,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     print()
     names = [n for n in ALL if any(n in r["impls"] for r in results)]
     print(format_table(results, names))
-    if "sparseprop" in include and "sparseprop" not in names:
-        print("\n(sparseprop is not installed: pip install --no-build-isolation sparseprop to include it)")
+    for peer, how in (("sparseprop", "pip install --no-build-isolation sparseprop"),
+                      ("sparselab", "pip install --no-deps sparselab")):
+        if peer in include and peer not in names:
+            print(f"\n({peer} is not installed: {how} to include it)")
     if args.json:
         payload = {"shape": [args.out_features, args.in_features], "batch": args.batch, "dtype": args.dtype,
-                   "repeat": args.repeat, "block": args.block, "machine": info, "results": results}
+                   "repeat": args.repeat, "block": args.block, "block_size": args.block_size, "machine": info,
+                   "results": results}
         write_text_atomic(json.dumps(payload, indent=2) + "\n", args.json)
         print(f"\nwrote {args.json}")
     return 0
