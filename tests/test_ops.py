@@ -381,3 +381,10 @@ def test_small_kernels_run_on_one_thread_with_the_same_bits(gen):
         torch.set_num_threads(old)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
     check_step_vs_reference(p, w, 40, gen)
+
+
+@pytest.mark.parametrize("batch", [64, 100, 131])
+def test_wide_tiles_where_rows_are_read_often(isa, batch, gen):
+    """nnz / n_cols >= 128 picks the wider AVX-512 tiles (64 rows for the SpMMs, 128 for the SDDMM) by itself."""
+    mask = random_mask(300, 64, 0.6, gen, empty_rows=[1], empty_cols=[3])
+    check_mask(mask, batch, torch.float32, gen)
