@@ -1,0 +1,135 @@
+"""Data-parallel training (torch.distributed, gloo, 2 processes on 127.0.0.1): one topology on every rank.
+
+Every process is started with a hard timeout and killed if it outlives it, so a bug can never hang the suite.
+"""
+import importlib.util
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import sparsecore.dst.distributed as D
+
+ROOT = Path(__file__).resolve().parents[1]
+WORKER = ROOT / "tests" / "dist_worker.py"
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed not built")
+
+
+def _worker_module():
+    spec = importlib.util.spec_from_file_location("dist_worker", WORKER)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+W = _worker_module()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_ranks(args, world=2, timeout=120):
+    """Start ``world`` processes of ``python *args`` with the torch.distributed environment; wait at most
+    ``timeout`` seconds for all of them (then kill them and fail). Returns their CompletedProcess-like results."""
+    port = free_port()
+    procs = []
+    for r in range(world):
+        env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(r), WORLD_SIZE=str(world),
+                   LOCAL_RANK=str(r), OMP_NUM_THREADS="1",
+                   PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=timeout)
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+@pytest.fixture(scope="module")
+def methods_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("methods")
+    res = run_ranks([WORKER, "methods", out])
+    for rc, _, err in res:
+        assert rc == 0, err[-3000:]
+    return [torch.load(out / f"methods-rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("method", W.METHODS)
+def test_ranks_identical_and_equal_to_one_process(methods_run, method):
+    """After 4 updates on 2 ranks, each training on its half of every global batch: the same patterns, values and
+    momenta on both ranks, and the same patterns (values to rounding) as one process on the whole batches."""
+    a, b = methods_run[0][method], methods_run[1][method]
+    ref = W.reference(method)
+    assert a["updates"] == b["updates"] == ref["updates"] == (0 if method == "static" else 4)
+    for (ra, ca), (rb, cb), (rr, cr) in zip(a["patterns"], b["patterns"], ref["patterns"]):
+        assert torch.equal(ra, rb) and torch.equal(ca, cb)
+        assert torch.equal(ra, rr) and torch.equal(ca, cr)
+    for va, vb, vr in zip(a["values"], b["values"], ref["values"]):
+        assert torch.equal(va, vb)
+        torch.testing.assert_close(va, vr, rtol=1e-9, atol=1e-12)
+    for ma, mb in zip(a["momenta"], b["momenta"]):
+        assert (ma is None) == (mb is None) and (ma is None or torch.equal(ma, mb))
+    # the topology really changed (else the comparison above proves nothing about the updates)
+    init = W.build(method)[0]
+    init_cols = [init[0].col, init[2].col]
+    changed = any(c.numel() != c0.numel() or not torch.equal(c, c0) for (_, c), c0 in zip(a["patterns"], init_cols))
+    assert changed == (method != "static")
+    if method in ("gmp", "etsm"):
+        assert a["values"][-1].numel() < init[2].values.numel()  # nnz shrank and DDP kept reducing the new values
+    # the wrapper was found also when the Updater got ddp.module, and the pattern buffers left DDP's broadcast
+    assert a["ddp_found"]
+    assert set(D.pattern_buffer_names(init)) <= set(a["ignored"])
+    if method != "static":
+        assert all(c["comm_bytes"] > 0 and c["comm_calls"] >= 2 for c in a["costs"])
+
+
+def test_divergence_is_a_clear_error_on_every_rank(tmp_path):
+    res = run_ranks([WORKER, "errors", tmp_path])
+    for rc, _, err in res:
+        assert rc == 0, err[-3000:]
+    for r in range(2):
+        got = json.loads((tmp_path / f"errors-rank{r}.json").read_text())
+        assert got["seed"].startswith("DivergenceError") and "seed differs" in got["seed"]
+        assert got["pattern_at_build"].startswith("DivergenceError") and "pattern differs" in got["pattern_at_build"]
+        assert "wrap the model in DDP" in got["pattern_at_build"]
+        assert got["values_after_update"].startswith("DivergenceError") and "values differ" in \
+            got["values_after_update"]
+        assert got["validation"].startswith("DivergenceError") and "report_validation" in got["validation"]
+
+
+def test_no_process_group_is_the_single_process_path():
+    assert D.active_comm() is None
+    model, opt = W.build("rigl")
+    u = W.Updater(model, opt, "rigl", seed=3, **W.METHOD_OPTS["rigl"])
+    assert u.world_size == 1 and u.ddp is None
+    W.train("rigl", model, opt, u)
+    assert all(c["comm_bytes"] == 0 for c in u.costs) and len(u.costs) == u.n_updates == 4
+
+
+def test_checksums_see_every_part():
+    model, _ = W.build("set")
+    layer = model[0]
+    p0, v0 = D.layer_checksums(layer)
+    assert 0 <= p0 < 2 ** 62 and 0 <= v0 < 2 ** 62
+    with torch.no_grad():
+        layer.values[3] += 1e-12
+    p1, v1 = D.layer_checksums(layer)
+    assert p1 == p0 and v1 != v0
+    layer.perm = layer.perm.flip(0)
+    assert D.layer_checksums(layer)[0] != p0
+    assert D.tensor_checksum(torch.zeros(4, dtype=torch.int32)) != D.tensor_checksum(torch.zeros(4, dtype=torch.int64))
