@@ -133,3 +133,85 @@ def test_checksums_see_every_part():
     layer.perm = layer.perm.flip(0)
     assert D.layer_checksums(layer)[0] != p0
     assert D.tensor_checksum(torch.zeros(4, dtype=torch.int32)) != D.tensor_checksum(torch.zeros(4, dtype=torch.int64))
+
+
+# ------------------------------------------------------------------------------------------------ sparsecore train
+TINY = ["--dataset", "builtin", "--hidden", "24,24", "--batch-size", "200", "--threads", "1", "--lr", "0.05"]
+
+
+def train_cli(*args, timeout=150):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env.pop("WORLD_SIZE", None)
+    return subprocess.run([sys.executable, "-m", "sparsecore", "train", *map(str, args)], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_static_two_ranks_equal_one_process_on_the_global_batch(tmp_path):
+    """Two ranks started as torchrun starts them (RANK/WORLD_SIZE/LOCAL_RANK in the environment), each on half of
+    every global batch of 200: the same model as one process on the whole batches, to float32 rounding; one
+    report, from rank 0, over every rank's samples."""
+    from sparsecore.apps.train import load_checkpoint, train
+    from sparsecore.apps.train.config import TrainConfig
+
+    res = run_ranks(["-m", "sparsecore", "train", "--method", "static", "--epochs", "2", *TINY, "--epsilon", "3",
+                     "--json", tmp_path / "two.json", "--checkpoint", tmp_path / "two"])
+    for rc, _, err in res:
+        assert rc == 0, err[-3000:]
+    assert "epoch 2/2" in res[0][2] and res[1][2] == "" and res[1][1] == ""  # rank 1 prints nothing
+    old = torch.get_num_threads()
+    try:
+        one = train(TrainConfig(method="static", dataset="builtin", hidden=(24, 24), batch_size=200, threads=1,
+                                lr=0.05, epochs=2, epsilon=3.0, quiet=True, checkpoint=str(tmp_path / "one")))
+    finally:
+        torch.set_num_threads(old)
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["distributed"]["world_size"] == 2 and two["distributed"]["batch_size_per_rank"] == [100, 100]
+    assert two["split"] == one["split"] and two["steps_per_epoch"] == one["steps_per_epoch"] == 18
+    a = load_checkpoint(tmp_path / "two" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "one" / "checkpoint.pt")
+    assert a["world_size"] == 2 and "world_size" not in b
+    for k in b["model"]:
+        torch.testing.assert_close(a["model"][k], b["model"][k], rtol=0, atol=1e-6)
+    for ha, hb in zip(two["history"], one["history"]):
+        assert ha["train_loss"] == pytest.approx(hb["train_loss"], rel=1e-5)
+        assert ha["test_accuracy"] == pytest.approx(hb["test_accuracy"], abs=2e-3)  # (an argmax may flip)
+
+
+def test_killed_rank_stops_all_then_resume_on_two_ranks(tmp_path):
+    """ETSM (gradual pruning: nnz shrinks, the DDP reducer is rebuilt, and a resumed run loads smaller values) on
+    2 ranks: rank 1 is SIGKILLed right after the checkpoint of epoch 1; rank 0 stops with a clear error within
+    the timeout and the launcher names both; --resume on 2 ranks then ends bit for bit where an uninterrupted
+    2-rank run does."""
+    import time
+
+    from sparsecore.apps.train import load_checkpoint
+
+    t0 = time.monotonic()
+    p = train_cli("--method", "etsm", "--epochs", "3", *TINY, "--nproc", "2", "--checkpoint", tmp_path / "cut",
+                  "--quiet", "--stop-after-epoch", "1", "--dist-timeout", "60")
+    assert time.monotonic() - t0 < 60
+    assert p.returncode == 128 + 9, p.stderr  # the first failure: rank 1, SIGKILL
+    assert "rank 1 was killed by SIGKILL" in p.stderr and "rank 0 exited with code 3" in p.stderr
+    assert "rank 0 of 2: a collective failed" in p.stderr
+    assert load_checkpoint(tmp_path / "cut" / "checkpoint.pt")["state"]["epoch"] == 1
+    p = train_cli("--method", "etsm", "--epochs", "3", *TINY, "--nproc", "2", "--checkpoint", tmp_path / "cut",
+                  "--resume", "--json", tmp_path / "res.json")
+    assert p.returncode == 0, p.stderr
+    assert "resumed from" in p.stderr and "epoch 1/3" not in p.stderr
+    p = train_cli("--method", "etsm", "--epochs", "3", *TINY, "--nproc", "2", "--checkpoint", tmp_path / "full",
+                  "--json", tmp_path / "full.json", "--quiet")
+    assert p.returncode == 0, p.stderr
+    a = load_checkpoint(tmp_path / "cut" / "checkpoint.pt")
+    b = load_checkpoint(tmp_path / "full" / "checkpoint.pt")
+    assert a["model"].keys() == b["model"].keys()
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+    res, full = (json.loads((tmp_path / f).read_text()) for f in ("res.json", "full.json"))
+    assert res["resumed_from_epochs"] == [1] and res["nnz"] == full["nnz"] < res["nnz_initial"]
+    assert res["test_accuracy"] == full["test_accuracy"]
+    assert full["distributed"]["updater_costs"] and all(c["comm_bytes"] > 0 for c in full["distributed"]["updater_costs"])
+
+
+def test_bad_distributed_settings_exit_2():
+    p = train_cli("--method", "static", "--epochs", "1", *TINY[:4], "--batch-size", "1", "--threads", "1",
+                  "--nproc", "2", "--quiet", timeout=90)
+    assert p.returncode == 2 and "must be at least the number of ranks" in p.stderr
