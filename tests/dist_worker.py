@@ -1,7 +1,7 @@
 """One rank of the data-parallel tests (tests/test_distributed.py): run as a subprocess with RANK, WORLD_SIZE,
 MASTER_ADDR and MASTER_PORT set, or imported by the test for the single-process reference (same model, same data).
 
-    python tests/dist_worker.py SCENARIO OUT_DIR
+    python tests/dist_worker.py SCENARIO[,SCENARIO...] OUT_DIR
 
 Scenarios: ``methods`` (every DST method trained a few updates under DDP; each rank saves its final state to
 OUT_DIR/methods-rank{R}.pt), ``errors`` (what must raise DivergenceError, OUT_DIR/errors-rank{R}.json).
@@ -25,16 +25,24 @@ from sparsecore.dst import Updater  # noqa: E402
 WIDTHS = (12, 16, 4)
 BATCH = 8          # global batch
 STEPS = 12
-METHOD_OPTS = {
-    "static": dict(every=3),
-    "set": dict(steps_per_epoch=3, total_epochs=5),
-    "rigl": dict(every=3, total_steps=40),
-    "ctre": dict(steps_per_epoch=3, total_epochs=5, max_samples=24),
-    "g2g": dict(steps_per_epoch=3, total_epochs=5, max_samples=24),
-    "gmp": dict(every=3, target_density=0.2, start=0, end=10),
-    "etsm": dict(every=3, target_density=0.2, start=0, end=10),
+_PER_EPOCH = dict(steps_per_epoch=3, total_epochs=5)
+# case -> (method, Updater options): the scores' statistics exchanged both ways (all-reduced chunks, gathered rows),
+# CTRE/G2G with both kinds of statistics (the reservoir holds every sample here, so it is exact, as the window)
+CASES = {
+    "static": ("static", dict(every=3)),
+    "set": ("set", dict(_PER_EPOCH)),
+    "rigl": ("rigl", dict(every=3, total_steps=40, dist_scores="reduce")),
+    "rigl-gather": ("rigl", dict(every=3, total_steps=40, dist_scores="gather")),
+    "ctre": ("ctre", dict(_PER_EPOCH, max_samples=24, dist_scores="reduce")),
+    "ctre-gather": ("ctre", dict(_PER_EPOCH, max_samples=24, dist_scores="gather")),
+    "ctre-reservoir": ("ctre", dict(_PER_EPOCH, max_samples=24, stats="reservoir", dist_scores="reduce")),
+    "g2g": ("g2g", dict(_PER_EPOCH, max_samples=24, dist_scores="reduce")),
+    "g2g-reservoir-gather": ("g2g", dict(_PER_EPOCH, max_samples=24, stats="reservoir", dist_scores="gather")),
+    "gmp": ("gmp", dict(every=3, target_density=0.2, start=0, end=10)),
+    "etsm": ("etsm", dict(every=3, target_density=0.2, start=0, end=10)),
 }
-METHODS = tuple(METHOD_OPTS)
+METHODS = tuple(CASES)
+METHOD_OPTS = {"rigl": CASES["rigl"][1]}
 
 
 def build(method, seed=0):
@@ -78,10 +86,11 @@ def state(model, opt, updater):
             "updates": updater.n_updates, "costs": updater.costs}
 
 
-def reference(method):
+def reference(case):
     """The single-process run on the same global batches."""
+    method, opts = CASES[case]
     model, opt = build(method)
-    u = Updater(model, opt, method, seed=3, **METHOD_OPTS[method])
+    u = Updater(model, opt, method, seed=3, **opts)
     train(method, model, opt, u)
     return state(model, opt, u)
 
@@ -90,15 +99,16 @@ def run_methods(rank, world, out):
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     results = {}
-    for i, method in enumerate(METHODS):
+    for i, case in enumerate(METHODS):
+        method, opts = CASES[case]
         model, opt = build(method)
         ddp = DDP(model)
         # alternate what the Updater is given: the DDP wrapper, or its .module
-        u = Updater(ddp if i % 2 == 0 else ddp.module, opt, method, seed=3, **METHOD_OPTS[method])
+        u = Updater(ddp if i % 2 == 0 else ddp.module, opt, method, seed=3, **opts)
         train(method, model, opt, u, rank, world, ddp)
-        results[method] = state(model, opt, u)
-        results[method]["ddp_found"] = u.ddp is ddp
-        results[method]["ignored"] = sorted(ddp.parameters_to_ignore)
+        results[case] = state(model, opt, u)
+        results[case]["ddp_found"] = u.ddp is ddp
+        results[case]["ignored"] = sorted(ddp.parameters_to_ignore)
     torch.save(results, os.path.join(out, f"methods-rank{rank}.pt"))
 
 
@@ -167,7 +177,8 @@ def main():
     import torch.distributed as dist
 
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
-    {"methods": run_methods, "errors": run_errors}[scenario](rank, world, out)
+    for name in scenario.split(","):  # several scenarios in one pair of processes: each start costs seconds
+        {"methods": run_methods, "errors": run_errors}[name](rank, world, out)
     dist.barrier()  # no rank tears the group down while another still uses it
     dist.destroy_process_group()
 

@@ -61,20 +61,27 @@ def run_ranks(args, world=2, timeout=120):
 
 
 @pytest.fixture(scope="module")
-def methods_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("methods")
-    res = run_ranks([WORKER, "methods", out])
+def worker_out(tmp_path_factory):
+    """Both worker scenarios in one pair of gloo processes; their output folder."""
+    out = tmp_path_factory.mktemp("workers")
+    res = run_ranks([WORKER, "methods,errors", out])
     for rc, _, err in res:
         assert rc == 0, err[-3000:]
-    return [torch.load(out / f"methods-rank{r}.pt", weights_only=False) for r in range(2)]
+    return out
 
 
-@pytest.mark.parametrize("method", W.METHODS)
-def test_ranks_identical_and_equal_to_one_process(methods_run, method):
+@pytest.fixture(scope="module")
+def methods_run(worker_out):
+    return [torch.load(worker_out / f"methods-rank{r}.pt", weights_only=False) for r in range(2)]
+
+
+@pytest.mark.parametrize("case", W.METHODS)
+def test_ranks_identical_and_equal_to_one_process(methods_run, case):
     """After 4 updates on 2 ranks, each training on its half of every global batch: the same patterns, values and
     momenta on both ranks, and the same patterns (values to rounding) as one process on the whole batches."""
-    a, b = methods_run[0][method], methods_run[1][method]
-    ref = W.reference(method)
+    method = W.CASES[case][0]
+    a, b = methods_run[0][case], methods_run[1][case]
+    ref = W.reference(case)
     assert a["updates"] == b["updates"] == ref["updates"] == (0 if method == "static" else 4)
     for (ra, ca), (rb, cb), (rr, cr) in zip(a["patterns"], b["patterns"], ref["patterns"]):
         assert torch.equal(ra, rb) and torch.equal(ca, cb)
@@ -98,12 +105,9 @@ def test_ranks_identical_and_equal_to_one_process(methods_run, method):
         assert all(c["comm_bytes"] > 0 and c["comm_calls"] >= 2 for c in a["costs"])
 
 
-def test_divergence_is_a_clear_error_on_every_rank(tmp_path):
-    res = run_ranks([WORKER, "errors", tmp_path])
-    for rc, _, err in res:
-        assert rc == 0, err[-3000:]
+def test_divergence_is_a_clear_error_on_every_rank(worker_out):
     for r in range(2):
-        got = json.loads((tmp_path / f"errors-rank{r}.json").read_text())
+        got = json.loads((worker_out / f"errors-rank{r}.json").read_text())
         assert got["seed"].startswith("DivergenceError") and "seed differs" in got["seed"]
         assert got["pattern_at_build"].startswith("DivergenceError") and "pattern differs" in got["pattern_at_build"]
         assert "wrap the model in DDP" in got["pattern_at_build"]
@@ -197,7 +201,7 @@ def test_killed_rank_stops_all_then_resume_on_two_ranks(tmp_path):
     p = train_cli("--method", "etsm", "--epochs", "3", *TINY, "--nproc", "2", "--checkpoint", tmp_path / "cut",
                   "--resume", "--json", tmp_path / "res.json")
     assert p.returncode == 0, p.stderr
-    assert "resumed from" in p.stderr and "epoch 1/3" not in p.stderr
+    assert "resumed from" in p.stderr and "epoch 1/3" not in p.stderr and "epoch 3/3" in p.stderr
     p = train_cli("--method", "etsm", "--epochs", "3", *TINY, "--nproc", "2", "--checkpoint", tmp_path / "full",
                   "--json", tmp_path / "full.json", "--quiet")
     assert p.returncode == 0, p.stderr
@@ -211,7 +215,14 @@ def test_killed_rank_stops_all_then_resume_on_two_ranks(tmp_path):
     assert full["distributed"]["updater_costs"] and all(c["comm_bytes"] > 0 for c in full["distributed"]["updater_costs"])
 
 
-def test_bad_distributed_settings_exit_2():
-    p = train_cli("--method", "static", "--epochs", "1", *TINY[:4], "--batch-size", "1", "--threads", "1",
-                  "--nproc", "2", "--quiet", timeout=90)
-    assert p.returncode == 2 and "must be at least the number of ranks" in p.stderr
+def test_bad_distributed_settings_exit_2(capsys, monkeypatch):
+    from sparsecore.apps.train import main
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(SystemExit) as e:  # refused by the launcher, before any process starts
+        main(["--method", "static", "--epochs", "1", *TINY[:4], "--batch-size", "1", "--nproc", "2"])
+    assert e.value.code == 2 and "must be at least --nproc 2" in capsys.readouterr().err
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as e:  # --nproc under a launcher that says otherwise
+        main(["--method", "static", "--epochs", "1", *TINY, "--nproc", "2"])
+    assert e.value.code == 2 and "contradicts WORLD_SIZE=3" in capsys.readouterr().err

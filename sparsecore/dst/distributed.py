@@ -38,7 +38,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Comm", "active_comm", "DivergenceError", "unwrap", "is_ddp", "layer_checksums", "tensor_checksum",
+__all__ = ["Comm", "active_comm", "DivergenceError", "gather_is_cheaper", "unwrap", "is_ddp", "layer_checksums", "tensor_checksum",
            "rebuild_reducer", "exclude_pattern_buffers", "pattern_buffer_names", "check_consistent",
            "active_ddp_module"]
 
@@ -139,6 +139,29 @@ class Comm:
         t = torch.tensor([1 if flag else 0], dtype=torch.int64, device=self.device)
         return bool(int(self.all_reduce_(t, "max").item()))
 
+    def row_counts(self, m: int) -> List[int]:
+        """Every rank's ``m`` (an int), in rank order, on every rank."""
+        t = torch.zeros(self.world, dtype=torch.int64, device=self.device)
+        t[self.rank] = int(m)
+        self.all_reduce_(t, "sum")
+        return [int(v) for v in t.cpu()]
+
+    def all_gather_rows(self, t: Tensor, counts: Sequence[int]) -> Tensor:
+        """The rows of every rank's 2-D ``t`` (``counts[r]`` rows on rank r; ranks may differ), concatenated in
+        rank order, on every rank: one all-gather of tensors padded to the largest count."""
+        dist = _dist()
+        t0 = time.perf_counter()
+        m = max(counts)
+        src = t.detach().to(self.device)
+        if src.shape[0] < m:
+            src = torch.cat([src, src.new_zeros(m - src.shape[0], *src.shape[1:])])
+        src = src.contiguous()
+        parts = [torch.empty_like(src) for _ in range(self.world)]
+        dist.all_gather(parts, src, group=self.group)
+        out = torch.cat([p[:c] for p, c in zip(parts, counts)]).to(t.device)
+        self._account(src.numel() * src.element_size(), t0)
+        return out
+
     def gather_object(self, obj: Any, dst: int = 0) -> Optional[List[Any]]:
         """Every rank's ``obj`` in rank order on ``dst`` (None elsewhere)."""
         dist = _dist()
@@ -167,6 +190,14 @@ def active_comm(group=None) -> Optional[Comm]:
     if dist.get_world_size(group) <= 1:
         return None
     return Comm(group)
+
+
+def gather_is_cheaper(world: int, rows: Sequence[int], n_in: int, n_out: int) -> bool:
+    """Whether exchanging the *factors* of a score matrix (all-gathering each rank's rows of ``(in + out)``
+    values: RigL's ``x``/``dy``, CTRE/G2G's ``X``/``Y``) moves fewer bytes per rank than all-reducing the
+    ``(out, in)`` score matrix chunk by chunk. Ring estimates: all-gather ``(W - 1) * max(rows) * (in + out)``,
+    all-reduce ``2 (W - 1) / W * out * in``; the same answer on every rank (its inputs are agreed)."""
+    return world * max(rows) * (n_in + n_out) < 2 * n_in * n_out
 
 
 # ----------------------------------------------------------------------------------------------- checksums

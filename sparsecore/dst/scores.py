@@ -189,7 +189,7 @@ class ActivationStats:
 
 def similarity_chunks(stats: ActivationStats, kind: str = "cosine", chunk_elems: int = 1 << 20,
                       block_size: int = 1, dtype=None, reduce: Optional[Callable[[Tensor], Tensor]] = None,
-                      ) -> Iterator[Tuple[int, Tensor]]:
+                      gather_rows: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[Tuple[int, Tensor]]:
     """|similarity| between every output neuron j (rows) and input neuron i (columns), in chunks of output rows.
 
     kind ``"cosine"`` (CTRE): ``S_ij = sum_b a_j a_i / sqrt(sum_b a_j^2 sum_b a_i^2)``;
@@ -202,12 +202,13 @@ def similarity_chunks(stats: ActivationStats, kind: str = "cosine", chunk_elems:
     ``reduce`` (data-parallel training: an in-place sum over the ranks, see :mod:`sparsecore.dst.distributed`)
     makes the scores those of the union of the ranks' samples: the counts, sums and sums of squares are reduced
     once, and the cross term of each chunk, ``sum_r scale_r * Y_r^T X_r`` (``scale_r`` each rank's reservoir
-    factor, 1 for a window), is reduced chunk by chunk, so the extra memory stays one chunk.
+    factor, 1 for a window), is reduced chunk by chunk, so the extra memory stays one chunk; or, with
+    ``gather_rows`` too, the rows are gathered once and the cross term of their union computed locally.
     """
     if kind not in ("cosine", "pearson"):
         raise ValueError(f"kind must be 'cosine' or 'pearson', got {kind!r}")
     if reduce is not None:
-        yield from _similarity_chunks_reduced(stats, kind, chunk_elems, block_size, dtype, reduce)
+        yield from _similarity_chunks_reduced(stats, kind, chunk_elems, block_size, dtype, reduce, gather_rows)
         return
     if stats.n == 0:
         raise RuntimeError("no activation statistics yet: run training steps (in train mode) before an update")
@@ -237,10 +238,13 @@ def similarity_chunks(stats: ActivationStats, kind: str = "cosine", chunk_elems:
 
 
 def _similarity_chunks_reduced(stats: ActivationStats, kind: str, chunk_elems: int, block_size: int, dtype,
-                               reduce: Callable[[Tensor], Tensor]) -> Iterator[Tuple[int, Tensor]]:
+                               reduce: Callable[[Tensor], Tensor], gather_rows=None) -> Iterator[Tuple[int, Tensor]]:
     """:func:`similarity_chunks` over the samples of every rank (``reduce`` sums a tensor over the ranks in place).
-    Every rank runs the same collectives in the same order (one for the sums, one per chunk), also a rank that
-    holds no sample."""
+    Every rank runs the same collectives in the same order (one for the sums, then one per chunk), also a rank that
+    holds no sample. ``gather_rows(t)`` (optional) returns the rows of every rank's ``t`` concatenated: then the
+    rows ``X`` and ``Y`` (scaled by each rank's reservoir factor) are gathered once instead, and every rank computes
+    the cross term of the union locally (no collective per chunk; cheaper for wide layers, see
+    :func:`sparsecore.dst.distributed.gather_is_cheaper`)."""
     n_in, n_out = stats.n_in, stats.n_out
     if stats.x is None:  # this rank saw no sample: it contributes zeros
         dt = dtype or torch.get_default_dtype()
@@ -272,12 +276,16 @@ def _similarity_chunks_reduced(stats: ActivationStats, kind: str, chunk_elems: i
     inv_x = torch.where(nx > 0, 1.0 / nx, torch.zeros_like(nx)).to(dtype)
     inv_y = torch.where(ny > 0, 1.0 / ny, torch.zeros_like(ny)).to(dtype)
     step = chunk_rows(n_out, n_in, chunk_elems, block_size)
+    if gather_rows is not None:
+        X, Y = gather_rows(X), gather_rows(Y if scale == 1.0 else Y * scale)
+        scale = 1.0
     Yt = Y.t()
     for r0 in range(0, n_out, step):
         c = Yt[r0:r0 + step] @ X
         if scale != 1.0:
             c.mul_(scale)
-        reduce(c)  # sum over ranks of scale_r * Y_r^T X_r: the cross term over every rank's samples
+        if gather_rows is None:
+            reduce(c)  # sum over ranks of scale_r * Y_r^T X_r: the cross term over every rank's samples
         if mx is not None:
             c.mul_(1.0 / n)
             c.sub_(my[r0:r0 + step, None].to(dtype) * mx[None, :].to(dtype))

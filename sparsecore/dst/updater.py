@@ -75,7 +75,14 @@ batches: RigL's dense-gradient chunks and CTRE/G2G's activation sums and cross-t
 one chunk), ``max_samples`` is the global window (each rank keeps ``ceil(max_samples / world)`` rows), every draw
 is seeded and every tie broken by a seeded key. The construction compares the seed, the settings, the patterns and
 the values across ranks, each update first the counters and after it a checksum of every layer's pattern and
-values: a difference raises :class:`~sparsecore.dst.distributed.DivergenceError` on every rank. When gradual
+values: a difference raises :class:`~sparsecore.dst.distributed.DivergenceError` on every rank. ``dist_scores``
+says how the scores' statistics travel: ``"reduce"`` (default) all-reduces the ``(out, in)`` score chunks (each rank
+multiplies only its own rows; the bytes do not grow with the ranks; the same bits on every rank whatever its
+hardware); ``"gather"`` all-gathers the factor rows once (RigL's batch ``x``/``dy``, CTRE/G2G's window ``X``/``Y``:
+``world * rows * (in + out)`` values) and every rank computes the scores of the union itself (``world`` times the
+multiply work, and ranks must compute bit-identical matrix products); ``"auto"`` takes, per layer and update, the
+one that moves fewer bytes (:func:`~sparsecore.dst.distributed.gather_is_cheaper`), for wide layers and small
+batches on fast processors and slow networks. When gradual
 pruning replaces a ``values`` Parameter, the DDP wrapper (given, or found at its first forward) gets a new reducer
 over the new parameters (:func:`~sparsecore.dst.distributed.rebuild_reducer`); the pattern buffers are taken out of
 DDP's per-forward buffer broadcast (:func:`~sparsecore.dst.distributed.exclude_pattern_buffers`). :attr:`costs`
@@ -103,7 +110,7 @@ __all__ = ["Updater", "METHODS"]
 
 METHODS = ("static", "set", "rigl", "ctre", "g2g", "gmp", "etsm")
 
-_COMMON = dict(regrow_pruned=True, chunk_elems=1 << 20, init=None, init_scale=None)
+_COMMON = dict(regrow_pruned=True, chunk_elems=1 << 20, init=None, init_scale=None, dist_scores="reduce")
 _DEFAULTS = {
     "static": dict(),
     "set": dict(zeta=0.3, set_signed=False, init="normal", init_scale=0.1),
@@ -169,6 +176,8 @@ class Updater:
             raise ValueError(f"zeta must be in [0, 1], got {self.zeta}")
         if method == "ctre" and opts["variant"] not in ("cte", "ctre_sim", "ctre_seq"):
             raise ValueError(f"variant must be 'cte', 'ctre_sim' or 'ctre_seq', got {opts['variant']!r}")
+        if opts["dist_scores"] not in ("auto", "reduce", "gather"):
+            raise ValueError(f"dist_scores must be 'auto', 'reduce' or 'gather', got {opts['dist_scores']!r}")
         if method in ("ctre", "g2g") and opts["stats"] not in ActivationStats.MODES:
             raise ValueError(f"stats must be one of {ActivationStats.MODES}, got {opts['stats']!r}")
 
@@ -439,6 +448,7 @@ class Updater:
                 raise RuntimeError(f"{self.method} needs activation statistics: run training forward passes (train "
                                    f"mode) before an update (none for layers {empty})")
         values_before = [l.values for l in self.layers]
+        self._exchange: List[str] = []  # per scored layer: how its statistics travelled ("reduce" / "gather")
         records = []
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
@@ -461,7 +471,7 @@ class Updater:
         c1 = self._comm.counters() if self._comm is not None else (0, 0, 0.0)
         self.costs.append({"update": self.n_updates - 1, "step": self.t, "seconds": time.perf_counter() - t0,
                            "comm_bytes": c1[0] - c0[0], "comm_calls": c1[1] - c0[1],
-                           "comm_seconds": c1[2] - c0[2]})
+                           "comm_seconds": c1[2] - c0[2], "score_exchange": list(self._exchange)})
 
     def _seed(self, i: int, tag: int) -> int:
         return E.derive_seed(self.seed, self.n_updates, i, tag)
@@ -517,12 +527,15 @@ class Updater:
         m = self.method
         topk = E.TopKAbsent(pattern, k, self._seed(i, E.GROW), occupied)
         bs, ce = layer.block_size, self.opts["chunk_elems"]
-        reduce = None if self._comm is None else self._comm.all_reduce_  # scores of every rank's samples
+        reduce, gather = self._score_exchange(i, layer)  # data parallelism: scores of every rank's samples
         if m == "rigl":
-            chunks = dense_grad_chunks(self._x[i], self._dy[i], ce, bs, reduce=reduce)
+            x, dy = self._x[i], self._dy[i]
+            if gather is not None:  # every rank's batch rows, then the dense gradient locally
+                x, dy = gather(x.reshape(-1, x.shape[-1])), gather(dy.reshape(-1, dy.shape[-1]))
+            chunks = dense_grad_chunks(x, dy, ce, bs, reduce=None if gather is not None else reduce)
         else:
             chunks = similarity_chunks(self._stats[i], "cosine" if m == "ctre" else "pearson", ce, bs,
-                                       reduce=reduce)
+                                       reduce=reduce, gather_rows=gather)
         allowed = self._allowed[i] if m == "g2g" and self.opts["within_ensembles"] else None
         for r0, c in chunks:
             if allowed is not None:
@@ -532,6 +545,30 @@ class Updater:
         if m == "ctre" and self.opts["variant"] == "ctre_sim":
             rows, cols = self._ctre_sim_replace(i, pattern, keep, rows, cols)
         return rows, cols
+
+    def _score_exchange(self, i: int, layer: SparseLinear):
+        """``(reduce, gather)`` for layer i's growth scores under data parallelism (both None in one process):
+        all-reduce the score chunks (``gather`` None), or all-gather the factor rows once (``dist_scores``:
+        ``"reduce"``, ``"gather"``, or ``"auto"``, the one that moves fewer bytes for this layer and batch)."""
+        comm = self._comm
+        if comm is None:
+            return None, None
+        if self.method == "rigl":
+            rows = self._x[i].reshape(-1, self._x[i].shape[-1]).shape[0]
+        else:
+            rows = self._stats[i].m if self._stats[i].x is not None else 0
+        mode = self.opts["dist_scores"]
+        if mode not in ("auto", "reduce", "gather"):
+            raise ValueError(f"dist_scores must be 'auto', 'reduce' or 'gather', got {mode!r}")
+        if mode == "reduce":
+            self._exchange.append("reduce")
+            return comm.all_reduce_, None
+        counts = comm.row_counts(rows)
+        if mode == "auto" and not D.gather_is_cheaper(comm.world, counts, layer.in_features, layer.out_features):
+            self._exchange.append("reduce")
+            return comm.all_reduce_, None
+        self._exchange.append("gather")
+        return comm.all_reduce_, (lambda t: comm.all_gather_rows(t, counts))
 
     def _ctre_sim_replace(self, i, pattern, keep, rows, cols):
         """Cosine picks that were pruned in this update are replaced by uniformly random empty positions, drawn
@@ -688,8 +725,12 @@ class Updater:
     def _after_update_distributed(self, values_before) -> None:
         """Check that every rank holds the same patterns and values; give DDP a new reducer where a values
         Parameter was replaced (gradual pruning shrank nnz)."""
+        hint = ("" if "gather" not in self._exchange else
+                " (this update computed scores from gathered rows on every rank: ranks whose matrix products differ "
+                "in the last bit, e.g. other CPUs or thread counts, can pick differently; dist_scores='reduce' "
+                "computes them from all-reduced sums, the same bits on every rank)")
         D.check_consistent(self._comm, self.layers, {"the step counter": self.t},
-                           f"at update {self.n_updates} (step {self.t})")
+                           f"at update {self.n_updates} (step {self.t}){hint}")
         replaced = any(l.values is not v for l, v in zip(self.layers, values_before))
         ddp = self.ddp
         if replaced and ddp is not None:

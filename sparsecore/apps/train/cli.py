@@ -181,6 +181,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env_world = os.environ.get("WORLD_SIZE")
     if a.nproc is not None and env_world is None:
         if a.nproc > 1:  # the launcher: start N ranks of this same command, each of which joins the group below
+            if a.batch_size < a.nproc:
+                p.error(f"--batch-size {a.batch_size} is the global batch: it must be at least --nproc {a.nproc}")
             return launch_local(list(sys.argv[1:] if argv is None else argv), a.nproc, threads=a.threads)
     elif a.nproc is not None and str(a.nproc) != env_world:
         p.error(f"--nproc {a.nproc} contradicts WORLD_SIZE={env_world} set by the launcher")

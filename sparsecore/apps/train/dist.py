@@ -166,10 +166,11 @@ def launch_local(argv: Sequence[str], nproc: int, threads: Optional[int] = None,
     for r, p in enumerate(procs):
         if p.poll() is None:
             p.terminate()
+            p.send_signal(signal.SIGCONT)  # a stopped (hung) process gets the SIGTERM now
             stopped.append(r)
     for p in procs:
         try:
-            p.wait(timeout=10)
+            p.wait(timeout=5)
         except subprocess.TimeoutExpired:
             p.kill()
             p.wait()
