@@ -11,7 +11,8 @@ before each run.
 
 ``updates``: the cost of one topology update of each DST method on the method MLP's layer sizes, on 1 rank and on
 ``--world`` ranks (gloo, spawned here): seconds, and the bytes and calls of its collectives
-(``Updater.costs``), plus the per-step gradient all-reduce of DDP (the values and biases: O(nnz)). The machine is
+(``Updater.costs``), plus the per-step gradient all-reduce of DDP (the values and biases: O(nnz)); then the SET
+MLP's training step under DDP with its pattern buffers broadcast at every forward (DDP's default) and without. The machine is
 shared and noisy: compare ratios taken in the same run.
 """
 from __future__ import annotations
@@ -127,6 +128,48 @@ def _update_worker(rank, world, port, hidden, batch, methods, out):
             json.dump(results, f)
 
 
+def _step_worker(rank, world, port, hidden, batch, steps, out):
+    """One rank: time training steps of the SET MLP under DDP, its pattern buffers broadcast at every forward
+    (DDP's default) and not (what sparsecore does)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    from sparsecore.apps.models import build_model
+    from sparsecore.dst.distributed import exclude_pattern_buffers, pattern_buffer_names
+
+    torch.set_num_threads(1)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=300))
+    res = {}
+    g = torch.Generator().manual_seed(rank)
+    for mode in ("broadcast", "excluded", "broadcast", "excluded"):
+        model = build_model("set", 784, 10, hidden, seed=0)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        net = DDP(model)
+        if mode == "excluded":
+            exclude_pattern_buffers(net)
+        times = []
+        for step in range(steps):
+            x = torch.randn(batch // world, 784, generator=g)
+            y = torch.randint(0, 10, (batch // world,), generator=g)
+            dist.barrier()
+            t0 = time.perf_counter()
+            loss = torch.nn.functional.cross_entropy(net(x), y)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            times.append(time.perf_counter() - t0)
+        res.setdefault(mode, []).extend(times[5:])
+        bufs = dict(model.named_buffers())
+        res[mode + "_bytes"] = sum(bufs[n].numel() * bufs[n].element_size() for n in pattern_buffer_names(model))
+        res["grad_bytes"] = sum(p.numel() * p.element_size() for p in model.parameters())
+    dist.barrier()
+    dist.destroy_process_group()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(res, f)
+
+
 def bench_updates(a) -> None:
     import torch.multiprocessing as mp
 
@@ -145,15 +188,24 @@ def bench_updates(a) -> None:
         tables[world] = json.load(open(out))
     print(f"\nupdate costs, MLP 784-{'-'.join(map(str, hidden))}-10 per method, global batch {a.batch}, 1 thread per "
           f"rank (medians over the run's updates; bytes = payload of the Updater's collectives per update)\n")
-    print("| method | nnz | update s, 1 rank | update s, %d ranks | of which comm s | comm calls | comm MB per update "
-          "| DDP gradient MB per step |" % a.world)
+    print("| method | nnz (at the end) | update s, 1 rank | update s, %d ranks | of which comm s | comm calls | comm MB per update "
+          "| DDP gradient MB per step (at the end) |" % a.world)
     print("|---|---|---|---|---|---|---|---|")
+    out = tempfile.mktemp(suffix=".json")
+    mp.start_processes(_step_worker, args=(a.world, free_port(), hidden, a.batch, 60, out), nprocs=a.world,
+                       join=True, start_method="spawn")
+    st = json.load(open(out))
     for m in methods:
         one, many = tables[1][m], tables[a.world][m]
         med = lambda rs, k: statistics.median(c[k] for c in rs["costs"]) if rs["costs"] else float("nan")  # noqa
         print(f"| {m} | {one['nnz']} | {med(one, 'seconds'):.3f} | {med(many, 'seconds'):.3f} | "
               f"{med(many, 'comm_seconds'):.3f} | {med(many, 'comm_calls'):.0f} | {med(many, 'comm_bytes') / 2**20:.2f}"
               f" | {many['grad_bytes_per_step'] / 2**20:.2f} |")
+    print(f"\nSET MLP training step on {a.world} ranks (median of 2 x 55 steps, per-rank batch {a.batch // a.world}): "
+          f"DDP's default buffer broadcast {statistics.median(st['broadcast']) * 1e3:.1f} ms/step "
+          f"(+{st['broadcast_bytes'] / 2**20:.2f} MB of pattern buffers from rank 0 per step), pattern buffers "
+          f"excluded {statistics.median(st['excluded']) * 1e3:.1f} ms/step; gradient all-reduce payload "
+          f"{st['grad_bytes'] / 2**20:.2f} MB/step")
 
 
 def main() -> None:
