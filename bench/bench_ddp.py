@@ -104,7 +104,6 @@ def _update_worker(rank, world, port, hidden, batch, methods, out):
         dst = {"every": every} if method in ("rigl", "etsm") else {}
         u = make_updater(method, model, opt, epochs=3, steps_per_epoch=every, seed=0, **dst)
         net = DDP(model) if world > 1 else model
-        step_comm = []
         comm = active_comm()
         for step in range(3 * every - 1):
             x = torch.randn(batch // world, 784, generator=g)

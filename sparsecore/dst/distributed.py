@@ -163,11 +163,12 @@ class Comm:
         return out
 
     def gather_object(self, obj: Any, dst: int = 0) -> Optional[List[Any]]:
-        """Every rank's ``obj`` in rank order on ``dst`` (None elsewhere)."""
+        """Every rank's ``obj`` in rank order on ``dst`` (a rank of the group; None elsewhere)."""
         dist = _dist()
         t0 = time.perf_counter()
         out = [None] * self.world if self.rank == dst else None
-        dist.gather_object(obj, out, dst=dst, group=self.group)
+        root = dst if self.group is None else dist.get_global_rank(self.group, dst)  # gather_object wants a global rank
+        dist.gather_object(obj, out, dst=root, group=self.group)
         self._account(0, t0)
         return out
 
@@ -244,9 +245,9 @@ def check_consistent(comm: Comm, layers: Sequence[nn.Module], counters: Dict[str
     if problems:
         raise DivergenceError(
             f"the {comm.world} ranks diverged {when}: " + "; ".join(problems) + ". Every rank must build the "
-            f"model and the Updater with the same seed and options, train the same number of steps, and run its "
-            f"gradients through DDP (or the same reduction); patterns or values changed on one rank only cannot "
-            f"be reconciled.")
+            "model and the Updater with the same seed and options, train the same number of steps, and run its "
+            "gradients through DDP (or the same reduction); patterns or values changed on one rank only cannot "
+            "be reconciled.")
 
 
 # ----------------------------------------------------------------------------------------------- DDP
