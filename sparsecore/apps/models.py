@@ -422,7 +422,8 @@ def make_updater(method: str, model: nn.Module, optimizer: torch.optim.Optimizer
       "auto" would take the last *sparse* layer for the output, wrong when the output layer is dense).
 
     ``options`` are passed on to the updater (``zeta``, ``every``, ``variant``, ``within_ensembles``, ``init``,
-    ``max_samples``, ...; an unknown name is an error).
+    ``max_samples``, ...; an unknown name is an error). ``model`` may be a DistributedDataParallel wrapper: its
+    ``.module`` is inspected, and the wrapper given to the updater.
     """
     _check_method(method)
     if method in ("dense", "static", "tsm"):
@@ -431,6 +432,8 @@ def make_updater(method: str, model: nn.Module, optimizer: torch.optim.Optimizer
         return None
     from .. import dst
 
+    wrapper = model
+    model, _ = dst.distributed.unwrap(model)  # inspect the module inside a DDP wrapper
     total_steps = int(epochs) * int(steps_per_epoch)
     opts = dict(options)
     kw: Dict[str, Any] = {"total_steps": total_steps, "total_epochs": int(epochs), "seed": int(seed)}
@@ -456,4 +459,4 @@ def make_updater(method: str, model: nn.Module, optimizer: torch.optim.Optimizer
         opts.setdefault("target_density", _etsm_layer_density(all_linear, info.get("target_density", 0.1),
                                                               prune_input))
         opts.setdefault("prune_input", prune_input)
-    return dst.Updater(model, optimizer, method=method, **kw, **opts)
+    return dst.Updater(wrapper, optimizer, method=method, **kw, **opts)  # a DDP wrapper is passed on as given

@@ -22,7 +22,7 @@ When no more than ``max_samples`` samples were seen, both are exact over those s
 """
 from __future__ import annotations
 
-from typing import Iterator, Optional, Tuple
+from typing import Callable, Iterator, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -47,10 +47,15 @@ def block_reduce(chunk: Tensor, block_size: int) -> Tensor:
 
 
 def dense_grad_chunks(x: Tensor, dy: Tensor, chunk_elems: int = 1 << 20, block_size: int = 1,
-                      absolute: bool = True) -> Iterator[Tuple[int, Tensor]]:
+                      absolute: bool = True, reduce: Optional[Callable[[Tensor], Tensor]] = None,
+                      ) -> Iterator[Tuple[int, Tensor]]:
     """The dense weight gradient ``dL/dW = dy^T x`` (out, in) in chunks of output rows: yields ``(row0, G)`` with
     ``G = dy[:, row0:row0+r]^T x``, ``|G|`` when ``absolute``; for BSR the block scores (squared block norms of G,
-    ``row0`` in block rows). x: (batch, in), dy: (batch, out). Peak extra memory: one chunk."""
+    ``row0`` in block rows). x: (batch, in), dy: (batch, out). Peak extra memory: one chunk.
+
+    ``reduce`` (data-parallel training: an in-place sum over the ranks, see :mod:`sparsecore.dst.distributed`) is
+    applied to each raw chunk ``G`` before the absolute value and the block norms, so the scores are those of the
+    gradient of the global batch (the sum of the ranks' ``dy_r^T x_r``; its scale does not change the top-k)."""
     x2 = x.detach().reshape(-1, x.shape[-1])
     dy2 = dy.detach().reshape(-1, dy.shape[-1]).to(x2.dtype)
     n_out, n_in = dy2.shape[1], x2.shape[1]
@@ -58,6 +63,8 @@ def dense_grad_chunks(x: Tensor, dy: Tensor, chunk_elems: int = 1 << 20, block_s
     dyt = dy2.t()
     for r0 in range(0, n_out, step):
         g = dyt[r0:r0 + step] @ x2
+        if reduce is not None:
+            reduce(g)
         if absolute and block_size == 1:
             g = g.abs_()
         yield r0 // block_size, block_reduce(g, block_size)
@@ -181,7 +188,8 @@ class ActivationStats:
 
 
 def similarity_chunks(stats: ActivationStats, kind: str = "cosine", chunk_elems: int = 1 << 20,
-                      block_size: int = 1, dtype=None) -> Iterator[Tuple[int, Tensor]]:
+                      block_size: int = 1, dtype=None, reduce: Optional[Callable[[Tensor], Tensor]] = None,
+                      gather_rows: Optional[Callable[[Tensor], Tensor]] = None) -> Iterator[Tuple[int, Tensor]]:
     """|similarity| between every output neuron j (rows) and input neuron i (columns), in chunks of output rows.
 
     kind ``"cosine"`` (CTRE): ``S_ij = sum_b a_j a_i / sqrt(sum_b a_j^2 sum_b a_i^2)``;
@@ -190,9 +198,18 @@ def similarity_chunks(stats: ActivationStats, kind: str = "cosine", chunk_elems:
     reservoir mode). A neuron with zero norm (variance) has
     similarity 0. Yields ``(row0, |S| chunk)`` (block scores and block rows for BSR), in ``dtype`` (default: the
     activations' dtype).
+
+    ``reduce`` (data-parallel training: an in-place sum over the ranks, see :mod:`sparsecore.dst.distributed`)
+    makes the scores those of the union of the ranks' samples: the counts, sums and sums of squares are reduced
+    once, and the cross term of each chunk, ``sum_r scale_r * Y_r^T X_r`` (``scale_r`` each rank's reservoir
+    factor, 1 for a window), is reduced chunk by chunk, so the extra memory stays one chunk; or, with
+    ``gather_rows`` too, the rows are gathered once and the cross term of their union computed locally.
     """
     if kind not in ("cosine", "pearson"):
         raise ValueError(f"kind must be 'cosine' or 'pearson', got {kind!r}")
+    if reduce is not None:
+        yield from _similarity_chunks_reduced(stats, kind, chunk_elems, block_size, dtype, reduce, gather_rows)
+        return
     if stats.n == 0:
         raise RuntimeError("no activation statistics yet: run training steps (in train mode) before an update")
     n, sx, sxx, sy, syy, X, Y, scale = stats.moments()
@@ -215,6 +232,62 @@ def similarity_chunks(stats: ActivationStats, kind: str = "cosine", chunk_elems:
         c = Yt[r0:r0 + step] @ X
         c.mul_(scale)
         if mx is not None:
+            c.sub_(my[r0:r0 + step, None].to(dtype) * mx[None, :].to(dtype))
+        c.mul_(inv_y[r0:r0 + step, None]).mul_(inv_x[None, :]).abs_()
+        yield r0 // block_size, block_reduce(c, block_size)
+
+
+def _similarity_chunks_reduced(stats: ActivationStats, kind: str, chunk_elems: int, block_size: int, dtype,
+                               reduce: Callable[[Tensor], Tensor], gather_rows=None) -> Iterator[Tuple[int, Tensor]]:
+    """:func:`similarity_chunks` over the samples of every rank (``reduce`` sums a tensor over the ranks in place).
+    Every rank runs the same collectives in the same order (one for the sums, then one per chunk), also a rank that
+    holds no sample. ``gather_rows(t)`` (optional) returns the rows of every rank's ``t`` concatenated: then the
+    rows ``X`` and ``Y`` (scaled by each rank's reservoir factor) are gathered once instead, and every rank computes
+    the cross term of the union locally (no collective per chunk; cheaper for wide layers, see
+    :func:`sparsecore.dst.distributed.gather_is_cheaper`)."""
+    n_in, n_out = stats.n_in, stats.n_out
+    if stats.x is None:  # this rank saw no sample: it contributes zeros
+        dt = dtype or torch.get_default_dtype()
+        z64 = dict(dtype=torch.float64)
+        n, sx, sxx, sy, syy = 0, torch.zeros(n_in, **z64), torch.zeros(n_in, **z64), torch.zeros(n_out, **z64), \
+            torch.zeros(n_out, **z64)
+        X, Y, scale = torch.zeros(0, n_in, dtype=dt), torch.zeros(0, n_out, dtype=dt), 0.0
+    else:
+        n, sx, sxx, sy, syy, X, Y, scale = stats.moments()
+    dtype = X.dtype if dtype is None else dtype
+    X, Y = X.to(dtype), Y.to(dtype)
+    dev = X.device
+    packed = torch.cat([torch.tensor([float(n)], dtype=torch.float64, device=dev), sx.to(dev), sxx.to(dev),
+                        sy.to(dev), syy.to(dev)])
+    reduce(packed)
+    n = float(packed[0])
+    sx, sxx = packed[1:1 + n_in], packed[1 + n_in:1 + 2 * n_in]
+    sy, syy = packed[1 + 2 * n_in:1 + 2 * n_in + n_out], packed[1 + 2 * n_in + n_out:]
+    if n == 0:
+        raise RuntimeError("no activation statistics on any rank yet: run training steps (in train mode) before an "
+                           "update")
+    if kind == "cosine":
+        nx, ny = sxx.sqrt(), syy.sqrt()
+        mx = my = None
+    else:
+        mx, my = sx / n, sy / n
+        nx = (sxx / n - mx * mx).clamp_min(0).sqrt()
+        ny = (syy / n - my * my).clamp_min(0).sqrt()
+    inv_x = torch.where(nx > 0, 1.0 / nx, torch.zeros_like(nx)).to(dtype)
+    inv_y = torch.where(ny > 0, 1.0 / ny, torch.zeros_like(ny)).to(dtype)
+    step = chunk_rows(n_out, n_in, chunk_elems, block_size)
+    if gather_rows is not None:
+        X, Y = gather_rows(X), gather_rows(Y if scale == 1.0 else Y * scale)
+        scale = 1.0
+    Yt = Y.t()
+    for r0 in range(0, n_out, step):
+        c = Yt[r0:r0 + step] @ X
+        if scale != 1.0:
+            c.mul_(scale)
+        if gather_rows is None:
+            reduce(c)  # sum over ranks of scale_r * Y_r^T X_r: the cross term over every rank's samples
+        if mx is not None:
+            c.mul_(1.0 / n)
             c.sub_(my[r0:r0 + step, None].to(dtype) * mx[None, :].to(dtype))
         c.mul_(inv_y[r0:r0 + step, None]).mul_(inv_x[None, :]).abs_()
         yield r0 // block_size, block_reduce(c, block_size)

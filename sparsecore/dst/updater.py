@@ -69,10 +69,33 @@ Randomness: every choice of an update is a function of ``seed``, the update coun
 (:func:`sparsecore.dst.edit.derive_seed`); ties in magnitudes and scores are broken by a seeded random key.
 :meth:`state_dict` / :meth:`load_state_dict` carry the counters, the ctre_seq phase, the activation statistics and
 the reservoir's generator, so a checkpointed run resumes exactly.
+
+Data parallelism (``torch.distributed`` initialised with more than one rank when the Updater is built; see
+:mod:`sparsecore.dst.distributed` and docs/DISTRIBUTED.md). Give it the DDP-wrapped model or its ``.module``, and
+build it, and call :meth:`step` / :meth:`epoch_end` / :meth:`report_validation`, alike on every rank. Every update
+then gives the same pattern and values on every rank, those of one process training on the union of the ranks'
+batches: RigL's dense-gradient chunks and CTRE/G2G's activation sums and cross-term chunks are all-reduced (memory:
+one chunk), ``max_samples`` is the global window (each rank keeps ``ceil(max_samples / world)`` rows), every draw
+is seeded and every tie broken by a seeded key. The construction compares the seed, the settings, the patterns and
+the values across ranks, each update first the counters and after it a checksum of every layer's pattern and
+values: a difference raises :class:`~sparsecore.dst.distributed.DivergenceError` on every rank. ``dist_scores``
+says how the scores' statistics travel: ``"reduce"`` (default) all-reduces the ``(out, in)`` score chunks (each rank
+multiplies only its own rows; the bytes do not grow with the ranks; the same bits on every rank whatever its
+hardware); ``"gather"`` all-gathers the factor rows once (RigL's batch ``x``/``dy``, CTRE/G2G's window ``X``/``Y``:
+``world * rows * (in + out)`` values) and every rank computes the scores of the union itself (``world`` times the
+multiply work, and ranks must compute bit-identical matrix products); ``"auto"`` takes, per layer and update, the
+one that moves fewer bytes (:func:`~sparsecore.dst.distributed.gather_is_cheaper`), for wide layers and small
+batches on fast processors and slow networks. When gradual
+pruning replaces a ``values`` Parameter, the DDP wrapper (given, or found at its first forward) gets a new reducer
+over the new parameters (:func:`~sparsecore.dst.distributed.rebuild_reducer`); the pattern buffers are taken out of
+DDP's per-forward buffer broadcast (:func:`~sparsecore.dst.distributed.exclude_pattern_buffers`). :attr:`costs`
+records each update's seconds and what it communicated. Without a process group nothing of this runs.
 """
 from __future__ import annotations
 
+import hashlib
 import math
+import time
 import warnings
 from typing import Callable, List, Optional, Sequence
 
@@ -81,6 +104,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import SparseLinear
+from . import distributed as D
 from . import edit as E
 from .schedule import cubic_sparsity, rigl_fraction
 from .scores import ActivationStats, dense_grad_chunks, similarity_chunks
@@ -89,7 +113,7 @@ __all__ = ["Updater", "METHODS"]
 
 METHODS = ("static", "set", "rigl", "ctre", "g2g", "gmp", "etsm")
 
-_COMMON = dict(regrow_pruned=True, chunk_elems=1 << 20, init=None, init_scale=None)
+_COMMON = dict(regrow_pruned=True, chunk_elems=1 << 20, init=None, init_scale=None, dist_scores="reduce")
 _DEFAULTS = {
     "static": dict(),
     "set": dict(zeta=0.3, set_signed=False, init="normal", init_scale=0.1),
@@ -112,7 +136,8 @@ class Updater:
     """Dynamic sparse training of a model's :class:`SparseLinear` layers (see the module docstring).
 
     Args:
-        model: the model; its ``SparseLinear`` modules (in ``modules()`` order) are updated, or only ``layers``.
+        model: the model, or its DistributedDataParallel wrapper; its ``SparseLinear`` modules (in ``modules()``
+            order) are updated, or only ``layers``.
         optimizer: the ``torch.optim`` optimizer of the model (or None): its state follows every edit.
         method: one of :data:`METHODS`.
         zeta: prune fraction (method default when None: 0.3 SET/G2G, 0.2 CTRE; RigL's ``alpha``).
@@ -121,6 +146,8 @@ class Updater:
         seed: seed of every random choice.
         layers: SparseLinear modules (or their names in the model) to update instead of all of them.
         per_epoch, steps_per_epoch, total_epochs, epoch_length: the per-epoch schedule (module docstring).
+        process_group: the torch.distributed group the ranks of a data-parallel run form (default: the default
+            group when one is initialised; none: single-process).
         **options: the method's options (module docstring); unknown names are an error.
     """
 
@@ -128,7 +155,7 @@ class Updater:
                  every: Optional[int] = None, total_steps: Optional[int] = None, seed: int = 0, *,
                  layers: Optional[Sequence] = None, per_epoch: Optional[bool] = None,
                  steps_per_epoch: Optional[int] = None, total_epochs: Optional[int] = None,
-                 epoch_length: Optional[int] = None, **options):
+                 epoch_length: Optional[int] = None, process_group=None, **options):
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         opts = dict(_COMMON)
@@ -138,6 +165,7 @@ class Updater:
             raise TypeError(f"unknown option(s) for method={method!r}: {sorted(unknown)}; "
                             f"valid: {sorted(opts)}")
         opts.update(options)
+        model, ddp = D.unwrap(model)  # a DDP wrapper or its .module: the layers are the module's
         self.method, self.model, self.optimizer = method, model, optimizer
         self.seed = int(seed)
         self.total_steps = None if total_steps is None else int(total_steps)
@@ -151,6 +179,8 @@ class Updater:
             raise ValueError(f"zeta must be in [0, 1], got {self.zeta}")
         if method == "ctre" and opts["variant"] not in ("cte", "ctre_sim", "ctre_seq"):
             raise ValueError(f"variant must be 'cte', 'ctre_sim' or 'ctre_seq', got {opts['variant']!r}")
+        if opts["dist_scores"] not in ("auto", "reduce", "gather"):
+            raise ValueError(f"dist_scores must be 'auto', 'reduce' or 'gather', got {opts['dist_scores']!r}")
         if method in ("ctre", "g2g") and opts["stats"] not in ActivationStats.MODES:
             raise ValueError(f"stats must be one of {ActivationStats.MODES}, got {opts['stats']!r}")
 
@@ -223,10 +253,15 @@ class Updater:
         self._window_steps: Optional[int] = None  # window statistics: steps that fill max_samples rows
         self._x: List[Optional[Tensor]] = [None] * len(self.layers)
         self._dy: List[Optional[Tensor]] = [None] * len(self.layers)
+        # data-parallel training (torch.distributed initialised, more than one rank): None otherwise
+        self._comm = D.active_comm(process_group)
+        self.costs: List[dict] = []  # one record per update: seconds, and what it communicated
         if method in ("ctre", "g2g"):
             self._acts = self._activation_fns(opts["activation"])
+            # under data parallelism max_samples is the global window: each rank keeps its share of the rows
+            m_rank = opts["max_samples"] if self._comm is None else -(-opts["max_samples"] // self._comm.world)
             for i, l in enumerate(self.layers):
-                self._stats[i] = ActivationStats(l.in_features, l.out_features, opts["max_samples"], self._res_gen,
+                self._stats[i] = ActivationStats(l.in_features, l.out_features, m_rank, self._res_gen,
                                                  mode=opts["stats"])
                 self._handles.append(l.register_forward_hook(self._stats_hook(i)))
         if method == "rigl":
@@ -238,6 +273,9 @@ class Updater:
                 self._arm_if_next_updates()
         if method == "g2g" and opts["within_ensembles"]:
             self._allowed = [self._links_of(i, l) for i, l in enumerate(self.layers)]
+        self._ddp = None
+        if self._comm is not None:
+            self._init_distributed(ddp)
 
     # ------------------------------------------------------------------ training-loop interface
     def step(self) -> bool:
@@ -412,16 +450,24 @@ class Updater:
         """Rewire every layer now, by the method's rule."""
         if self.method == "static":
             return
+        t0 = time.perf_counter()
+        c0 = self._comm.counters() if self._comm is not None else (0, 0, 0.0)
+        missing = []
         if self.method == "rigl":
             missing = [i for i in range(len(self.layers)) if self._x[i] is None or self._dy[i] is None]
-            if missing:
-                raise RuntimeError("RigL needs the gradient of a batch: call updater.arm() before a forward/backward "
-                                   f"pass (no captured batch for layers {missing})")
-        if self.method in ("ctre", "g2g") and not (self.method == "ctre" and self.phase == "random"):
+        if self._comm is not None:
+            self._agree_before_update(bool(missing))
+        elif missing:
+            raise RuntimeError("RigL needs the gradient of a batch: call updater.arm() before a forward/backward "
+                               f"pass (no captured batch for layers {missing})")
+        if self.method in ("ctre", "g2g") and not (self.method == "ctre" and self.phase == "random") \
+                and self._comm is None:  # (distributed: checked on the counts of every rank, in the scores)
             empty = [i for i, s in enumerate(self._stats) if s is None or s.n == 0]
             if empty:
                 raise RuntimeError(f"{self.method} needs activation statistics: run training forward passes (train "
                                    f"mode) before an update (none for layers {empty})")
+        values_before = [l.values for l in self.layers]
+        self._exchange: List[str] = []  # per scored layer: how its statistics travelled ("reduce" / "gather")
         records = []
         with torch.no_grad():
             for i, layer in enumerate(self.layers):
@@ -429,6 +475,8 @@ class Updater:
                 if rec is not None:
                     rec.update(step=self.t, update=self.n_updates, layer=i)
                     records.append(rec)
+        if self._comm is not None:
+            self._after_update_distributed(values_before)
         self.history.extend(records)
         self.n_updates += 1
         self._last_update_t = self.t
@@ -439,6 +487,10 @@ class Updater:
         self._dy = [None] * len(self.layers)
         if not (self.method == "rigl" and self.per_epoch and not self.steps_per_epoch):
             self._armed = False
+        c1 = self._comm.counters() if self._comm is not None else (0, 0, 0.0)
+        self.costs.append({"update": self.n_updates - 1, "step": self.t, "seconds": time.perf_counter() - t0,
+                           "comm_bytes": c1[0] - c0[0], "comm_calls": c1[1] - c0[1],
+                           "comm_seconds": c1[2] - c0[2], "score_exchange": list(self._exchange)})
 
     def _seed(self, i: int, tag: int) -> int:
         return E.derive_seed(self.seed, self.n_updates, i, tag)
@@ -494,10 +546,15 @@ class Updater:
         m = self.method
         topk = E.TopKAbsent(pattern, k, self._seed(i, E.GROW), occupied)
         bs, ce = layer.block_size, self.opts["chunk_elems"]
+        reduce, gather = self._score_exchange(i, layer)  # data parallelism: scores of every rank's samples
         if m == "rigl":
-            chunks = dense_grad_chunks(self._x[i], self._dy[i], ce, bs)
+            x, dy = self._x[i], self._dy[i]
+            if gather is not None:  # every rank's batch rows, then the dense gradient locally
+                x, dy = gather(x.reshape(-1, x.shape[-1])), gather(dy.reshape(-1, dy.shape[-1]))
+            chunks = dense_grad_chunks(x, dy, ce, bs, reduce=None if gather is not None else reduce)
         else:
-            chunks = similarity_chunks(self._stats[i], "cosine" if m == "ctre" else "pearson", ce, bs)
+            chunks = similarity_chunks(self._stats[i], "cosine" if m == "ctre" else "pearson", ce, bs,
+                                       reduce=reduce, gather_rows=gather)
         allowed = self._allowed[i] if m == "g2g" and self.opts["within_ensembles"] else None
         for r0, c in chunks:
             if allowed is not None:
@@ -507,6 +564,30 @@ class Updater:
         if m == "ctre" and self.opts["variant"] == "ctre_sim":
             rows, cols = self._ctre_sim_replace(i, pattern, keep, rows, cols)
         return rows, cols
+
+    def _score_exchange(self, i: int, layer: SparseLinear):
+        """``(reduce, gather)`` for layer i's growth scores under data parallelism (both None in one process):
+        all-reduce the score chunks (``gather`` None), or all-gather the factor rows once (``dist_scores``:
+        ``"reduce"``, ``"gather"``, or ``"auto"``, the one that moves fewer bytes for this layer and batch)."""
+        comm = self._comm
+        if comm is None:
+            return None, None
+        if self.method == "rigl":
+            rows = self._x[i].reshape(-1, self._x[i].shape[-1]).shape[0]
+        else:
+            rows = self._stats[i].m if self._stats[i].x is not None else 0
+        mode = self.opts["dist_scores"]
+        if mode not in ("auto", "reduce", "gather"):
+            raise ValueError(f"dist_scores must be 'auto', 'reduce' or 'gather', got {mode!r}")
+        if mode == "reduce":
+            self._exchange.append("reduce")
+            return comm.all_reduce_, None
+        counts = comm.row_counts(rows)
+        if mode == "auto" and not D.gather_is_cheaper(comm.world, counts, layer.in_features, layer.out_features):
+            self._exchange.append("reduce")
+            return comm.all_reduce_, None
+        self._exchange.append("gather")
+        return comm.all_reduce_, (lambda t: comm.all_gather_rows(t, counts))
 
     def _ctre_sim_replace(self, i, pattern, keep, rows, cols):
         """Cosine picks that were pruned in this update are replaced by uniformly random empty positions, drawn
@@ -600,6 +681,80 @@ class Updater:
         E.apply_edit(layer, self.optimizer, new_pattern, gather, newpos, None)
         return {"pruned": k, "grown": 0, "nnz": new_pattern.nnz}
 
+    # ------------------------------------------------------------------ data parallelism
+    @property
+    def world_size(self) -> int:
+        """Ranks this Updater synchronises over (1 without torch.distributed)."""
+        return 1 if self._comm is None else self._comm.world
+
+    @property
+    def ddp(self):
+        """The DistributedDataParallel wrapper of the model: given, or found at its first forward; else None."""
+        return None if self._ddp is None else self._ddp.get()
+
+    def _settings_digest(self) -> int:
+        """62-bit digest of everything that shapes the updates (method, schedule, options), compared across ranks."""
+        def norm(v):
+            if callable(v):
+                return f"callable:{getattr(v, '__module__', '')}.{getattr(v, '__qualname__', type(v).__name__)}"
+            if isinstance(v, (list, tuple)):
+                return [norm(x) for x in v]
+            if isinstance(v, Tensor):
+                return ["tensor", D.tensor_checksum(v)]
+            return repr(v)
+        rec = [self.method, self.zeta, self.every, self.per_epoch, self.steps_per_epoch, self.total_epochs,
+               self.total_steps, len(self.layers), sorted((k, norm(v)) for k, v in self.opts.items())]
+        return int.from_bytes(hashlib.blake2b(repr(rec).encode(), digest_size=8).digest(), "little") & ((1 << 62) - 1)
+
+    def _init_distributed(self, ddp) -> None:
+        """Under torch.distributed: keep the DDP wrapper (given, or found by a forward pre-hook while DDP runs the
+        model), take the pattern buffers out of its per-forward buffer broadcast, and check that every rank starts
+        from the same seed, settings, patterns and values (a collective: every rank builds its Updater)."""
+        self._ddp = D.DDPRef(self.model, ddp)
+        self._ddp.on_found = D.exclude_pattern_buffers
+        if ddp is not None:
+            D.exclude_pattern_buffers(ddp)
+        else:
+            self._handles.append(self.model.register_forward_pre_hook(self._ddp.forward_pre_hook))
+        counters = {"the Updater's seed": self.seed & ((1 << 62) - 1),
+                    "the Updater's method, schedule or options": self._settings_digest(),
+                    "the number of SparseLinear layers": len(self.layers)}
+        try:
+            D.check_consistent(self._comm, self.layers, counters, "when the Updater was built")
+        except D.DivergenceError as e:
+            raise D.DivergenceError(f"{e} If the models were built with different seeds, wrap the model in DDP "
+                                    f"before building the Updater: DDP's construction copies rank 0's parameters and "
+                                    f"buffers to every rank.") from None
+
+    def _agree_before_update(self, missing: bool) -> None:
+        """Every rank is at the same step and update, in the same phase, and has what its rule needs."""
+        counters = [self.t, self.n_updates, 1 if self.phase == "random" else 0, self.bad_epochs, int(missing)]
+        mm = self._comm.mismatches(counters)
+        if mm[4][1]:
+            raise RuntimeError("RigL needs the gradient of a batch on every rank: call updater.arm() before a "
+                               "forward/backward pass (some rank has no captured batch)")
+        names = ["the step counter", "the update counter", "the ctre_seq phase (report_validation got different "
+                 "accuracies on different ranks)", "report_validation's count of epochs without improvement"]
+        bad = [f"{n} ({lo} on some rank, {hi} on another)" for n, (lo, hi) in zip(names, mm[:4]) if lo != hi]
+        if bad:
+            raise D.DivergenceError(f"the {self._comm.world} ranks disagree before update {self.n_updates}: "
+                                    + "; ".join(bad) + ". Every rank must call step(), epoch_end() and "
+                                    "report_validation() alike (the same validation accuracy on every rank).")
+
+    def _after_update_distributed(self, values_before) -> None:
+        """Check that every rank holds the same patterns and values; give DDP a new reducer where a values
+        Parameter was replaced (gradual pruning shrank nnz)."""
+        hint = ("" if "gather" not in self._exchange else
+                " (this update computed scores from gathered rows on every rank: ranks whose matrix products differ "
+                "in the last bit, e.g. other CPUs or thread counts, can pick differently; dist_scores='reduce' "
+                "computes them from all-reduced sums, the same bits on every rank)")
+        D.check_consistent(self._comm, self.layers, {"the step counter": self.t},
+                           f"at update {self.n_updates} (step {self.t}){hint}")
+        replaced = any(l.values is not v for l, v in zip(self.layers, values_before))
+        ddp = self.ddp
+        if replaced and ddp is not None:
+            D.rebuild_reducer(ddp)
+
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> dict:
         """Counters, ctre_seq phase, GMP's initial sparsities, activation statistics and the reservoir's generator.
@@ -613,6 +768,24 @@ class Updater:
             "reservoir_rng": self._res_gen.get_state(),
             "stats": [None if s is None else s.state_dict() for s in self._stats],
         }
+
+    def rank_local_state(self) -> dict:
+        """The part of :meth:`state_dict` that is particular to this rank under data parallelism: the activation
+        statistics (each rank's window or reservoir of its own samples) and the reservoir's generator. Everything
+        else is equal on every rank."""
+        return {"stats": [None if s is None else s.state_dict() for s in self._stats],
+                "reservoir_rng": self._res_gen.get_state()}
+
+    def has_rank_local_rows(self) -> bool:
+        """Whether any layer's activation statistics hold samples now (they are empty right after an update)."""
+        return any(s is not None and s.n > 0 for s in self._stats)
+
+    def load_rank_local_state(self, st: dict) -> None:
+        """Load what :meth:`rank_local_state` returned (after :meth:`load_state_dict`)."""
+        self._res_gen.set_state(st["reservoir_rng"])
+        for s, x in zip(self._stats, st["stats"]):
+            if s is not None and x is not None:
+                s.load_state_dict(x)
 
     def load_state_dict(self, sd: dict) -> None:
         if sd["method"] != self.method:

@@ -38,8 +38,15 @@ data-order generator). ``--resume`` continues from it to the same result as an u
 CPU with the same thread count); the settings that shape the result must match the checkpoint's. The file is a
 pickle: load only checkpoints you wrote.
 
+Data parallelism (``torchrun --nproc-per-node N -m sparsecore train ...`` or ``sparsecore train --nproc N ...``, see
+:mod:`.dist` and docs/DISTRIBUTED.md): ``--batch-size`` is the global batch, each rank trains on its contiguous share
+of every batch of the seeded order under DDP (gloo), the updater keeps one topology on every rank, accuracies and
+losses are over every rank's samples, rank 0 writes the report and the checkpoints, ``--resume`` works on any
+number of ranks, and a rank that dies or hangs stops every rank with a one-line error within ``--dist-timeout``.
+
 Modules: :mod:`.config` (the settings), :mod:`.loop` (the loop), :mod:`.checkpoint` (atomic checkpoints and RNG
-states), :mod:`.report` (memory and machine records), :mod:`.cli` (the command line).
+states), :mod:`.report` (memory and machine records), :mod:`.dist` (process group, ``--nproc`` launcher), :mod:`.cli`
+(the command line).
 """
 from .checkpoint import CHECKPOINT_NAME, load_checkpoint, save_checkpoint_atomic, write_text_atomic
 from .cli import main

@@ -3,12 +3,15 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from pathlib import Path
 from typing import Any, Optional, Sequence, Tuple
 
 from ..models import METHODS
+from ...dst.distributed import DivergenceError
 from .config import TrainConfig, TrainError
+from .dist import DistributedError, launch_local
 from .loop import train
 
 __all__ = ["main", "build_parser", "add_common_arguments", "check_common_arguments", "common_config",
@@ -125,6 +128,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue from DIR/checkpoint.pt (needs --checkpoint)")
     p.add_argument("--time-budget", type=_float_range(0.0, lo_open=True), default=None, metavar="SECONDS",
                    help="stop once this many training seconds (steps + topology updates) are spent, at most --epochs")
+    p.add_argument("--nproc", type=_int_at_least(1), default=None, metavar="N",
+                   help="data-parallel training on N local processes (gloo on the CPU); under torchrun the ranks "
+                        "come from RANK/WORLD_SIZE/LOCAL_RANK. --batch-size is the global batch, split over the ranks; "
+                        "--threads is per rank (default: the CPUs divided among the ranks)")
+    p.add_argument("--dist-timeout", type=_float_range(0.0, lo_open=True), default=300.0, metavar="SECONDS",
+                   help="with several ranks: how long any rank waits for the others before it stops with an error")
     p.add_argument("--eval-batch-size", type=_int_at_least(1), default=1000, help=argparse.SUPPRESS)
     p.add_argument("--stop-after-epoch", type=_int_at_least(1), default=None, help=argparse.SUPPRESS)
     return p
@@ -149,7 +158,7 @@ def common_config(a: argparse.Namespace) -> dict:
 def config_from_args(a: argparse.Namespace, **overrides) -> TrainConfig:
     kw = dict(common_config(a), method=a.method, quiet=a.quiet)
     for k in ("epsilon", "density", "json", "checkpoint", "resume", "eval_batch_size", "stop_after_epoch",
-              "time_budget"):
+              "time_budget", "dist_timeout"):
         if hasattr(a, k):
             kw[k] = getattr(a, k)
     if hasattr(a, "opt"):
@@ -160,19 +169,40 @@ def config_from_args(a: argparse.Namespace, **overrides) -> TrainConfig:
     return TrainConfig(**kw)
 
 
+def _rank_prefix() -> str:
+    """``"rank R: "`` in a process of a data-parallel run (so the lines of several ranks can be told apart)."""
+    world, rank = os.environ.get("WORLD_SIZE"), os.environ.get("RANK")
+    return f"rank {rank}: " if world not in (None, "", "1") and rank is not None else ""
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
     if a.resume and not a.checkpoint:
         p.error("--resume needs --checkpoint DIR")
     check_common_arguments(p, a)
+    env_world = os.environ.get("WORLD_SIZE")
+    if a.nproc is not None and env_world is None:
+        if a.nproc > 1:  # the launcher: start N ranks of this same command, each of which joins the group below
+            if a.batch_size < a.nproc:
+                p.error(f"--batch-size {a.batch_size} is the global batch: it must be at least --nproc {a.nproc}")
+            return launch_local(list(sys.argv[1:] if argv is None else argv), a.nproc, threads=a.threads)
+    elif a.nproc is not None and str(a.nproc) != env_world:
+        p.error(f"--nproc {a.nproc} contradicts WORLD_SIZE={env_world} set by the launcher")
+    who = _rank_prefix()
     try:
         train(config_from_args(a))
     except TrainError as e:
-        print(f"sparsecore train: error: {e}", file=sys.stderr)
+        print(f"sparsecore train: {who}error: {e}", file=sys.stderr)
         return 2
+    except DistributedError as e:
+        print(f"sparsecore train: stopped: {e}", file=sys.stderr)  # (the message names the rank)
+        return 3
+    except DivergenceError as e:
+        print(f"sparsecore train: {who}ranks diverged: {e}", file=sys.stderr)
+        return 3
     except FloatingPointError as e:
-        print(f"sparsecore train: diverged: {e}", file=sys.stderr)
+        print(f"sparsecore train: {who}diverged: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         print("sparsecore train: interrupted", file=sys.stderr)

@@ -46,6 +46,7 @@ class TrainConfig:
     eval_batch_size: int = 1000
     time_budget: Optional[float] = None      # stop once this many training seconds (steps + updates) are spent
     stop_after_epoch: Optional[int] = None   # testing: SIGKILL itself right after this epoch's checkpoint
+    dist_timeout: float = 300.0              # data parallelism: seconds any collective may wait for the other ranks
 
     # the settings that shape the result: a checkpoint must match them to be resumed
     _RESULT_FIELDS = ("method", "dataset", "epochs", "hidden", "batch_size", "lr", "momentum", "nesterov",
@@ -108,6 +109,9 @@ def check_config(c: TrainConfig) -> TrainConfig:
         raise TrainError(f"data folder {c.data_dir!r} does not exist or is not a folder")
     if c.stop_after_epoch is not None:
         posint("stop_after_epoch", c.stop_after_epoch)
+    if isinstance(c.dist_timeout, bool) or not isinstance(c.dist_timeout, (int, float)) or \
+            not math.isfinite(c.dist_timeout) or c.dist_timeout <= 0:
+        raise TrainError(f"dist_timeout must be a positive number of seconds, got {c.dist_timeout!r}")
     if c.time_budget is not None and (isinstance(c.time_budget, bool) or not isinstance(c.time_budget, (int, float))
                                       or not math.isfinite(c.time_budget) or c.time_budget <= 0):
         raise TrainError(f"time_budget must be a positive number of seconds, got {c.time_budget!r}")

@@ -24,6 +24,7 @@ from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION,
                          remove_stale_temporaries, rng_state, save_checkpoint_atomic, set_rng_state,
                          write_text_atomic)
 from .config import TrainConfig, TrainError, check_config, jsonable
+from .dist import DistEnv, DistributedError, setup as setup_distributed
 from .report import machine_info, peak_rss_mb, release_free_memory, reset_peak_rss, rss_mb, state_bytes
 
 __all__ = ["train"]
@@ -93,15 +94,25 @@ def _load_data(c: TrainConfig):
 
 
 @torch.no_grad()
-def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int) -> Optional[float]:
+def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bs: int,
+              de: Optional[DistEnv] = None) -> Optional[float]:
+    """Accuracy on (x, y); with several ranks each counts its contiguous share and the counts are summed, so every
+    rank gets the same number (the ctre_seq phase and the best-epoch choice depend on it)."""
     if y.numel() == 0:
         return None
+    if de is not None:
+        lo, hi = _share(y.numel(), de)
+        x, y_part = x[lo:hi], y[lo:hi]
+    else:
+        y_part = y
     was = model.training
     model.eval()
     correct = 0
     for i in range(0, x.shape[0], bs):
-        correct += int((model(x[i:i + bs]).argmax(1) == y[i:i + bs]).sum())
+        correct += int((model(x[i:i + bs]).argmax(1) == y_part[i:i + bs]).sum())
     model.train(was)
+    if de is not None:
+        correct = int(de.comm.all_reduce_(torch.tensor([correct], dtype=torch.int64)).item())
     return correct / y.numel()
 
 
@@ -116,21 +127,87 @@ def make_sgd(params, c: TrainConfig) -> torch.optim.SGD:
         return torch.optim.SGD(params, **kw)
 
 
+def _share(n: int, de: DistEnv):
+    """[lo, hi) of this rank's contiguous share of n items (sizes differ by at most one)."""
+    base, extra = divmod(n, de.world)
+    lo = de.rank * base + min(de.rank, extra)
+    return lo, lo + base + (1 if de.rank < extra else 0)
+
+
+_COMM_ERRORS = ("connection closed", "connection reset", "connection refused", "timed out", "timeout",
+                "broken pipe", "gloo", "nccl", "socket", "peer")
+
+
+def _is_comm_error(e: BaseException) -> bool:
+    """Whether an exception raised under torch.distributed comes from a collective (a lost peer, a timeout)."""
+    import torch.distributed as dist
+
+    dist_error = getattr(dist, "DistError", None)  # DistBackendError, DistNetworkError, ... (torch >= 2.1)
+    if dist_error is not None and isinstance(e, dist_error):
+        return True
+    msg = str(e).lower()
+    return any(k in msg for k in _COMM_ERRORS)
+
+
+def _load_rank_local(updater, ck: Dict[str, Any], de: Optional[DistEnv], progress: _Progress) -> None:
+    """The rank-local part of the updater's state (CTRE/G2G activation statistics) from a checkpoint written by
+    ``world_size`` ranks: each rank takes its own; across another number of ranks only empty statistics can be."""
+    saved = ck.get("updater_rank_local")
+    world, rank = (1, 0) if de is None else (de.world, de.rank)
+    was = ck.get("world_size", 1)
+    if was != world:
+        progress.line(f"note: checkpoint written by {was} rank(s), now {world}: the result may differ in the last "
+                      f"bits")
+    if updater is None or saved is None:
+        return
+    if was == world:
+        updater.load_rank_local_state(saved[rank])
+        return
+    if any(any(s is not None and s["n"] > 0 for s in st["stats"]) for st in saved):
+        raise TrainError(f"the checkpoint holds activation statistics gathered on each of {was} ranks (it was written "
+                         f"between an update's recording steps): resume it on {was} ranks")
+    updater.load_rank_local_state(saved[0])
+
+
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     """Train ``config.method`` on ``config.dataset``; returns the report (also written to ``config.json``).
 
-    Raises :class:`TrainError` (a ``ValueError``) for bad settings, bad data or an unusable checkpoint.
+    Raises :class:`TrainError` (a ``ValueError``) for bad settings, bad data or an unusable checkpoint. Under
+    torch.distributed (a process group already initialised, or ``WORLD_SIZE`` > 1 in the environment: see
+    :mod:`.dist`) every rank trains its share of each global batch; rank 0 writes the report and the checkpoints.
+    A failed collective (another rank died or stopped) raises :class:`~.dist.DistributedError`.
     """
     c = TrainConfig(**config) if isinstance(config, dict) else dataclasses.replace(config)
     c = check_config(c)
+    de = setup_distributed(c.dist_timeout)
+    try:
+        return _train(c, de)
+    except (TrainError, DistributedError):
+        raise
+    except RuntimeError as e:
+        if de is not None and _is_comm_error(e):
+            raise DistributedError(f"rank {de.rank} of {de.world}: a collective failed (another rank died or "
+                                   f"stopped, or the connection was lost): {type(e).__name__}: "
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+        raise
+    finally:
+        if de is not None:
+            de.close()
+
+
+def _train(c: TrainConfig, de: Optional[DistEnv]) -> Dict[str, Any]:
+    main = de is None or de.is_main  # writes the report and the checkpoints, prints the progress
+    if de is not None and c.batch_size < de.world:
+        raise TrainError(f"batch_size {c.batch_size} is the global batch: it must be at least the number of ranks "
+                         f"({de.world})")
     # Fail now, not after hours of training, when the outputs cannot be written.
-    if c.checkpoint:
+    if c.checkpoint and main:
         check_writable(c.checkpoint, folder=True)
         remove_stale_temporaries(Path(c.checkpoint) / CHECKPOINT_NAME)
-    if c.json:
+    if c.json and main:
         check_writable(c.json, folder=False)
         remove_stale_temporaries(c.json)
-    progress = _Progress(not c.quiet)
+    progress = _Progress(not c.quiet and main)
     if c.threads is not None:
         torch.set_num_threads(c.threads)
 
@@ -152,7 +229,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     data_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
     from ..data import batches
 
-    loader = batches(ds.x_train, ds.y_train, c.batch_size, shuffle=True, generator=data_gen)
+    loader = batches(ds.x_train, ds.y_train, c.batch_size, shuffle=True, generator=data_gen,
+                     shard=None if de is None else (de.rank, de.world))
     steps_per_epoch = len(loader)
     try:
         updater = make_updater(c.method, model, optimizer, epochs=c.epochs, steps_per_epoch=steps_per_epoch,
@@ -179,6 +257,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
             except (RuntimeError, KeyError, ValueError) as e:
                 raise TrainError(f"checkpoint {str(ckpt_path)!r} does not fit this model: {e}") from e
             set_rng_state(ck["rng"], data_gen)
+            if de is not None or ck.get("world_size", 1) > 1:
+                _load_rank_local(updater, ck, de, progress)
             state = ck["state"]
             state["resumed_from"] = state.get("resumed_from", []) + [state["epoch"]]
             if ck.get("threads") != torch.get_num_threads():
@@ -188,10 +268,21 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
         else:
             progress.line(f"no checkpoint at {ckpt_path}: starting from scratch")
 
+    net = model  # what the training step calls: the model, or its DDP wrapper
+    if de is not None:
+        from torch.nn.parallel import DistributedDataParallel
+
+        from ...dst.distributed import exclude_pattern_buffers
+
+        # Wrapped after the resume: DDP's reducer is built for the parameters as loaded (gradual pruning changes
+        # their sizes). The updater, built on the module, finds the wrapper at its first forward.
+        net = DistributedDataParallel(model)
+        exclude_pattern_buffers(net)  # the updater keeps the patterns equal (and checks it); see docs/DISTRIBUTED.md
     stats0 = model_stats(model)
     progress.line(f"{c.method}: {ds.name} train/val/test {ds.n_train}/{ds.n_val}/{ds.n_test}, widths "
                   f"{model.widths}, nnz {stats0['nnz']} of {stats0['dense_params']} (density "
-                  f"{stats0['density']:.4g}), {torch.get_num_threads()} threads")
+                  f"{stats0['density']:.4g}), {torch.get_num_threads()} threads" +
+                  ("" if de is None else f" x {de.world} ranks ({de.backend}), global batch {c.batch_size}"))
 
     model.train()
     state.setdefault("train_seconds_total", sum(state["epoch_seconds"]))
@@ -204,8 +295,12 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
         loss_sum, correct, seen, steps = 0.0, 0, 0, 0
         for i, (xb, yb) in enumerate(loader):
             optimizer.zero_grad(set_to_none=True)
-            out = model(xb)
-            loss = F.cross_entropy(out, yb)
+            out = net(xb)
+            if de is None:
+                loss = F.cross_entropy(out, yb)
+            else:  # DDP averages the ranks' gradients: this makes it the gradient of the global batch's mean loss
+                global_b = min(c.batch_size, ds.n_train - i * c.batch_size)
+                loss = F.cross_entropy(out, yb, reduction="sum") * (de.world / global_b)
             loss.backward()
             optimizer.step()
             if updater is not None:
@@ -213,19 +308,26 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
             lv = float(loss.detach())
             if not math.isfinite(lv):
                 raise FloatingPointError(f"the loss became {lv} at epoch {epoch + 1}, step {i + 1}: lower the lr")
-            loss_sum += lv * yb.shape[0]
+            loss_sum += lv * yb.shape[0] if de is None else lv * global_b / de.world  # (the shard's summed loss)
             correct += int((out.detach().argmax(1) == yb).sum())
             seen += yb.shape[0]
             steps = i + 1
             progress.update(epoch + 1, c.epochs, i + 1, steps_per_epoch, loss_sum / seen)
-            if budget is not None and state["train_seconds_total"] + time.perf_counter() - t0 >= budget:
-                stopped = True  # the time is spent: evaluate the model as it is now, and stop
-                break
+            if budget is not None:
+                spent = state["train_seconds_total"] + time.perf_counter() - t0 >= budget
+                if de is not None:  # every rank stops at the same step (rank clocks differ)
+                    spent = de.comm.any(spent)
+                if spent:
+                    stopped = True  # the time is spent: evaluate the model as it is now, and stop
+                    break
+        if de is not None:  # the epoch's loss and accuracy over every rank's samples
+            tot = de.comm.all_reduce_(torch.tensor([loss_sum, float(correct), float(seen)], dtype=torch.float64))
+            loss_sum, correct, seen = float(tot[0]), int(tot[1]), int(tot[2])
         train_s = time.perf_counter() - t0
 
         t1 = time.perf_counter()
-        val_acc = _accuracy(model, ds.x_val, ds.y_val, c.eval_batch_size)
-        test_acc = _accuracy(model, ds.x_test, ds.y_test, c.eval_batch_size)
+        val_acc = _accuracy(model, ds.x_val, ds.y_val, c.eval_batch_size, de)
+        test_acc = _accuracy(model, ds.x_test, ds.y_test, c.eval_batch_size, de)
         eval_s = time.perf_counter() - t1
         nnz_now = model_stats(model)["nnz"]
 
@@ -257,15 +359,26 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
                       f"{correct / max(seen, 1):.4f}  val {vtxt}  test {test_acc:.4f}  nnz {nnz_now}  "
                       f"{train_s + dst_s:.2f} s")
         if ckpt_path is not None:
-            save_checkpoint_atomic({
+            record = {
                 "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, "fingerprint": c.fingerprint(),
                 "config": c.to_dict(), "threads": torch.get_num_threads(),
                 "model": model.state_dict(), "optimizer": optimizer.state_dict(),
                 "updater": updater.state_dict() if updater is not None else None,
                 "state": state, "rng": rng_state(data_gen),
-            }, ckpt_path)
-        if c.stop_after_epoch is not None and epoch + 1 == c.stop_after_epoch and epoch + 1 < c.epochs:
-            # testing hook: die like a killed job, right after the checkpoint (no cleanup, no atexit)
+            }
+            if de is not None:
+                record["world_size"] = de.world
+                if updater is not None and updater.method in ("ctre", "g2g"):
+                    # activation statistics are each rank's own (usually empty at an epoch's end: just after an update)
+                    record["updater_rank_local"] = de.comm.gather_object(updater.rank_local_state())
+            if main:
+                save_checkpoint_atomic(record, ckpt_path)
+            if de is not None:
+                de.comm.barrier()  # the checkpoint of this epoch exists before any rank goes on
+        if c.stop_after_epoch is not None and epoch + 1 == c.stop_after_epoch and epoch + 1 < c.epochs \
+                and (de is None or de.rank == de.world - 1):
+            # testing hook: die like a killed job, right after the checkpoint (no cleanup, no atexit); with several
+            # ranks only the last one dies, and the others must stop with a clear error
             sys.stdout.flush()
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
@@ -317,10 +430,19 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
                   **jsonable(dict(ds.split_info))},
         "machine": machine_info(),
         "checkpoint": str(ckpt_path) if ckpt_path is not None else None,
+        "distributed": None if de is None else {
+            "world_size": de.world, "backend": de.backend, "global_batch_size": c.batch_size,
+            "batch_size_per_rank": [c.batch_size // de.world + (1 if r < c.batch_size % de.world else 0)
+                                    for r in range(de.world)],
+            "how": "--batch-size is the global batch; each rank takes its contiguous share of every batch of the "
+                   "seeded order; gradients are averaged by DDP; accuracies and losses are over every rank's "
+                   "samples; peak memory and machine are rank 0's",
+            "updater_costs": None if updater is None else updater.costs,
+        },
     }
-    if c.json:
+    if c.json and main:
         write_text_atomic(json.dumps(report, indent=2) + "\n", c.json)
-    if not c.quiet:
+    if not c.quiet and main:
         acc = report["test_accuracy"]
         acc_txt = "n/a (0 epochs)" if acc is None else f"{acc:.4f}"
         print(f"{c.method}: test accuracy {acc_txt} at epoch {report['best_epoch']} (best validation), "
