@@ -116,9 +116,14 @@ static int spmm_max_nv(int isa, int64_t nnz, int64_t n_cols, int64_t elem_bytes,
   const int64_t wide = 2 * SPMM_MAX_NV;  // 64 fp32 rows
   return n_cols * wide * (64 / elem_bytes) * elem_bytes <= l2 / 2 ? int(wide) : SPMM_MAX_NV;
 }
-static int sddmm_max_nv(int isa, int64_t nnz, int64_t n_cols) {
-  // the SDDMM reads its tile in L2-sized column blocks, so only the reuse decides
-  if (isa < ISA_AVX512 || double(nnz) < WIDE_TILE_READS * double(n_cols > 0 ? n_cols : 1)) return SDDMM_MAX_NV[isa];
+// The SDDMM reads its tile in column blocks of half an L2, so the tile's size does not bound it, but the L2 does:
+// on a 2-core Zen 4 (1 MiB L2 per core), 4096x4096 batch 256 at 10%, 2 threads, 15 interleaved rounds, T = 128
+// took 1.27x and T = 64 1.36x the time of T = 32 (at 3%: equal); the gain above was measured with 2 MiB.
+constexpr int64_t WIDE_SDDMM_MIN_L2 = int64_t(2) << 20;
+static int sddmm_max_nv(int isa, int64_t nnz, int64_t n_cols, int64_t l2) {
+  if (isa < ISA_AVX512 || l2 < WIDE_SDDMM_MIN_L2 ||
+      double(nnz) < WIDE_TILE_READS * double(n_cols > 0 ? n_cols : 1))
+    return SDDMM_MAX_NV[isa];
   return 8;
 }
 //
@@ -323,7 +328,7 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks =
-      batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, numel(col), n_cols));
+      batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, numel(col), n_cols, l2_bytes_per_core()));
   const bool in_place = fm_in_place(nnz, n_cols);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
   // streamed dY^T rows), and where each row's entries of each block start. Each (row, block) segment costs a
