@@ -57,7 +57,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    try:
+        a = build_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    except SystemExit as e:  # --help (0) or a bad option (2, message printed): an exit code, as for every error
+        return int(e.code or 0)
     try:
         train_lm(LMConfig(**vars(a)))
     except TrainError as e:

@@ -214,6 +214,28 @@ def layer_counts(model: GPT) -> Dict[str, int]:
     return {"nnz": nnz, "dense_params": dense, "params": sum(p.numel() for p in model.parameters())}
 
 
+def _connections(model: GPT) -> List[Optional[torch.Tensor]]:
+    """Per projection, the sorted flat indices ``row * in + col`` of its live connections (None if dense)."""
+    out = []
+    for m in model.projections():
+        if not isinstance(m, SparseLinear):
+            out.append(None)
+            continue
+        p = m.pattern
+        rows = torch.repeat_interleave(torch.arange(p.shape[0]), (p.rowptr[1:] - p.rowptr[:-1]).long())
+        out.append(torch.sort(rows * p.shape[1] + p.col.long()).values)
+    return out
+
+
+def _rewired_fraction(before, after) -> Optional[float]:
+    """Fraction of the initial connections of the sparse projections that are no longer live (0 for static)."""
+    pairs = [(b, a) for b, a in zip(before, after) if b is not None]
+    total = sum(len(b) for b, _ in pairs)
+    if not total:
+        return None
+    return sum(int((~torch.isin(b, a)).sum()) for b, a in pairs) / total
+
+
 def _say(c: LMConfig, text: str) -> None:
     if not c.quiet:
         print(text, file=sys.stderr, flush=True)
@@ -246,6 +268,7 @@ def train_lm(config: Union[LMConfig, Dict[str, Any]]) -> Dict[str, Any]:
     densities = None if c.method == "dense" else layer_densities(c.layers, c.d_model, c.density, c.distribution)
     model = GPT(data.vocab_size, c.context, c.layers, c.d_model, c.heads, densities,
                 generator=torch.Generator().manual_seed(c.seed + 0x9A7))
+    initial = _connections(model)  # before any checkpoint is loaded: the run's initial patterns (seeded)
     optimizer = make_optimizer(model, c)
     data_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
     val = data.val_batches(c.eval_batches, c.batch_size, c.seed)
@@ -357,6 +380,7 @@ def train_lm(config: Union[LMConfig, Dict[str, Any]]) -> Dict[str, Any]:
         "total_steps_schedule": state["total_steps"],
         "total_steps_estimate": state["total_steps"] if c.steps is None else None,
         "topology_updates": None if updater is None else int(updater.n_updates),
+        "rewired_fraction": _rewired_fraction(initial, _connections(model)),
         **counts, "vocab_size": data.vocab_size,
         "layer_densities": [round(m.nnz / (m.out_features * m.in_features), 6) if isinstance(m, SparseLinear)
                             else 1.0 for m in model.projections()],
