@@ -263,3 +263,20 @@ def test_cli_routes_lm_and_exit_code_2_in_a_subprocess(tmp_path):
     p = subprocess.run([sys.executable, "-m", "sparsecore", "--help"], cwd=ROOT, env=env, capture_output=True,
                        text=True, timeout=120)
     assert " lm " in p.stdout
+
+
+def test_bench_lm_compare_tiny(text_file, tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    out = tmp_path / "cmp"
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "lm_compare.py"), "--data", str(text_file), "--steps", "4",
+                        "--eval-every", "2", "--d-model", "32", "--layers", "1", "--context", "16", "--batch-size", "4",
+                        "--densities", "0.5", "--methods", "static,set", "--threads", "1", "--eval-batches", "1",
+                        "--update-every", "2", "--sample", "10", "--out", str(out)],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr
+    md = (out / "lm_compare.md").read_text()
+    assert "bench/lm_compare.py --data" in md and "| set | 0.5 |" in md and "| dense | 1 |" in md
+    r = json.loads((out / "lm_compare.json").read_text())
+    assert {"dense", "static@0.5", "set@0.5"} <= set(r["reports"])
+    assert all(row["val_equal_steps"] is not None for row in r["rows"])
+    assert all(len(rep["sample"]) == 10 for rep in r["reports"].values())
