@@ -163,7 +163,7 @@ def test_time_budget_stops(text_file, tmp_path, threads1):
     assert run(text_file, "--method", "rigl", "--time-budget", "0.3", "--eval-every", "5", "--json", str(out)) == 0
     r = json.loads(out.read_text())
     assert r["train_seconds"] >= 0.3 and r["steps"] >= 1
-    assert r["train_seconds"] - max(r["step_seconds"], 0) < 0.3 + 1.0  # stopped at the first step past the budget
+    assert r["train_seconds"] < 0.3 + 0.5  # stopped at the first step past the budget (a tiny step: ~10 ms)
     assert r["total_steps_estimate"] >= 1 and r["history"][-1]["step"] == r["steps"]
 
 
