@@ -400,5 +400,6 @@ def train_lm(config: Union[LMConfig, Dict[str, Any]]) -> Dict[str, Any]:
     if c.json:
         write_text_atomic(json.dumps(report, indent=2) + "\n", c.json)
     _say(c, f"lm {c.method}: val loss {report['val_loss']:.4f} nats/char after {state['step']} steps, "
-            f"{state['train_seconds']:.1f} s, {1e3 * (med or 0):.1f} ms/step" + (f"; report: {c.json}" if c.json else ""))
+            f"{state['train_seconds']:.1f} s, {1e3 * (med or 0):.1f} ms/step" +
+            (f"; report: {c.json}" if c.json else ""))
     return report
