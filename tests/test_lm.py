@@ -57,7 +57,7 @@ def test_forward_shapes_and_causal_masking():
         x2 = x.clone()
         x2[:, 9:] = (x2[:, 9:] + 1) % 11  # change every token after t = 8
         y2 = m(x2)
-        assert torch.equal(y[:, :9], y2[:, :9])  # outputs at t <= 8 do not see tokens > 8
+        torch.testing.assert_close(y[:, :9], y2[:, :9], rtol=0, atol=1e-12)  # outputs at t <= 8 ignore tokens > 8
         assert not torch.allclose(y[:, 9:], y2[:, 9:])
         assert m(x[:, :5]).shape == (3, 5, 11)
 
@@ -202,7 +202,7 @@ def test_damaged_checkpoint_is_detected(text_file, tmp_path, threads1, capsys):
     f.write_bytes(bytes(raw))
     rc = run(text_file, "--method", "static", "--steps", "2", "--checkpoint", str(ck), "--resume")
     err = capsys.readouterr().err
-    assert rc == 2 and ("damaged" in err or "cannot read" in err) and "Traceback" not in err
+    assert rc == 2 and "is damaged" in err and "Traceback" not in err
 
 
 # ------------------------------------------------------------------------------------------------ bad input
