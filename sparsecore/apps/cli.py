@@ -1,4 +1,4 @@
-"""Command line: ``sparsecore bench``, ``sparsecore bench e2e`` and ``sparsecore train`` (also ``python -m sparsecore``).
+"""Command line: ``sparsecore bench``, ``sparsecore bench e2e``, ``sparsecore train`` and ``sparsecore lm`` (also ``python -m sparsecore``).
 
 Each subcommand lives in its own module; this file only routes to them.
 """
@@ -13,6 +13,7 @@ commands:
   bench        kernel benchmark: one training step of a sparse linear layer vs dense, torch.sparse, ...
   bench e2e    end-to-end: train each method and the dense MLP, table + plot
   train        train one method on one dataset
+  lm           character-level GPT with SparseLinear projections (dense|static|set|rigl) on a text file
 
 Run 'sparsecore <command> --help' for the options of a command."""
 
@@ -31,6 +32,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         return run(rest) or 0
     if cmd == "train":
         from .train import main as run
+        return run(rest) or 0
+    if cmd == "lm":
+        from .lm import main as run
         return run(rest) or 0
     print(f"sparsecore: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
     return 2
