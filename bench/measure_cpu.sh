@@ -5,12 +5,12 @@
 #
 # Runs, in this order: the kernel benchmark (4096x4096 batch 256 at 10% and 1%, every implementation, 2 threads),
 # 8192x8192 at 10%, the width x batch sweep with its plot, bfloat16 against float32, the Fashion-MNIST end-to-end
-# comparison at 1 and 2 threads and at equal time, and the per-step breakdown of SET and CTRE. Each ratio is
+# comparison at 1 and 2 threads and at equal time, the per-step breakdown of SET and CTRE, and the sparse GPT. Each ratio is
 # taken within one run (dense and sparse interleaved). It needs sparseprop and sparselab for the peer rows
 # (`pip install --no-build-isolation sparseprop==0.1.14; pip install --no-deps sparselab==0.2.2`); without them
-# those rows are skipped. About 45 minutes on the 2-core Xeon. Check `uptime` first: nothing else should run.
+# those rows are skipped. About 75 minutes on the 2-core Zen 4. Check `uptime` first: nothing else should run.
 set -euo pipefail
-out=${1:-bench/results/xeon}
+out=${1:-bench/results/zen4}
 data=${2:-../shared/data}
 mkdir -p "$out"
 log() { echo "== $(date -u +%H:%M:%S) $*" | tee -a "$out/log.txt"; }
@@ -39,9 +39,13 @@ for t in 1 2; do
     --run ctre-eps20:ctre:epsilon=20 --out "$out/e2e-fmnist-${t}thread" | tee "$out/e2e-fmnist-${t}thread.txt"
 done
 
-log "e2e Fashion-MNIST, equal time (the dense run's), 2 threads"
-sparsecore bench e2e --dataset fashion-mnist --data-dir "$data" --epochs 10 --threads 2 --quiet --equal-time \
-  --methods set,ctre,rigl --out "$out/e2e-fmnist-equal-time" | tee "$out/e2e-fmnist-equal-time.txt"
+python bench/e2e_threads_table.py "$out/e2e-fmnist-1thread" "$out/e2e-fmnist-2thread" | tee "$out/e2e-fmnist-table.md"
+
+for t in 1 2; do
+  log "e2e Fashion-MNIST, equal time (the dense run's 10 epochs), $t thread(s)"
+  sparsecore bench e2e --dataset fashion-mnist --data-dir "$data" --epochs 10 --threads "$t" --quiet --equal-time \
+    --methods set,ctre,rigl --out "$out/e2e-fmnist-equal-time-${t}thread" | tee "$out/e2e-fmnist-equal-time-${t}thread.txt"
+done
 
 for t in 1 2; do
   for m in dense set ctre; do
@@ -50,4 +54,7 @@ for t in 1 2; do
       | tee "$out/breakdown-$m-${t}thread.txt"
   done
 done
+log "sparse GPT against dense on Tiny Shakespeare, 2 threads"
+python bench/lm_compare.py --data "$data/tinyshakespeare/input.txt" --steps 300 --densities 0.1,0.05 --threads 2 \
+  --eval-every 50 --out "$out/lm" | tee "$out/lm.txt"
 log "done"
