@@ -42,12 +42,17 @@ etsm       ``gmp`` on every layer but the TSM input layer (the model's first ``n
 =========  ==================================================================================================
 
 Common options: ``regrow_pruned`` (True: an entry pruned in an update may be regrown by it, as a new entry with
-the method's initial weight and zero optimizer state; False: it may not), ``init`` (``"zero"``, ``"normal"``
+the method's initial weight and zero optimizer state; ``"keep"``: it may, and then it keeps its weight and optimizer
+state, as if never pruned, as the RigL/CTRE reference code does (a regrown position that was in the mask is "not a
+new connection" there); False: it may not), ``init`` (``"zero"``, ``"normal"``
 (std ``init_scale``), ``"uniform"`` (``+-init_scale``), ``"kaiming_uniform"`` (``+-sqrt(6 / in_features)``) or a
 callable ``f(shape, generator, layer) -> Tensor``), ``chunk_elems`` = 2**20 (elements of one chunk of a dense
 score matrix: RigL's gradient, CTRE's cosine, G2G's correlation are computed and streamed into a top-k in chunks
 of output rows, never whole), ``max_samples`` = 2048 (CTRE/G2G reservoir rows per layer, see
-:mod:`sparsecore.dst.scores`), ``activation`` (CTRE/G2G output-neuron activations: ``"auto"`` = softmax of the
+:mod:`sparsecore.dst.scores`), ``stats`` (CTRE/G2G: ``"window"``, the activations of the last ``max_samples`` rows
+of the training steps before the update; ``"reservoir"``; ``"full"``, a pass of the Updater's own over the whole
+training set at each update, as CTRE's reference: set ``updater.stats_source`` to a callable returning an iterable
+of input batches, e.g. the training set without its labels), ``activation`` (CTRE/G2G output-neuron activations: ``"auto"`` = softmax of the
 output of the model's output layer (its last ``nn.Linear``/``SparseLinear``), ReLU of the others; or ``"relu"``,
 ``"softmax"``, ``"identity"``, ``"tanh"``, ``"sigmoid"``, a callable, or a list with one per layer).
 
@@ -183,6 +188,10 @@ class Updater:
             raise ValueError(f"dist_scores must be 'auto', 'reduce' or 'gather', got {opts['dist_scores']!r}")
         if method in ("ctre", "g2g") and opts["stats"] not in ActivationStats.MODES:
             raise ValueError(f"stats must be one of {ActivationStats.MODES}, got {opts['stats']!r}")
+        if opts["regrow_pruned"] not in (True, False, "keep"):
+            raise ValueError(f"regrow_pruned must be True, False or 'keep', got {opts['regrow_pruned']!r}")
+        self.stats_source: Optional[Callable] = None  # stats="full": callable -> iterable of training input batches
+        self._collecting = False
 
         # ---- layers
         if layers is None:
@@ -255,6 +264,8 @@ class Updater:
         self._dy: List[Optional[Tensor]] = [None] * len(self.layers)
         # data-parallel training (torch.distributed initialised, more than one rank): None otherwise
         self._comm = D.active_comm(process_group)
+        if method in ("ctre", "g2g") and opts["stats"] == "full" and self._comm is not None:
+            raise ValueError("stats='full' is not available under data parallelism: use 'window' or 'reservoir'")
         self.costs: List[dict] = []  # one record per update: seconds, and what it communicated
         if method in ("ctre", "g2g"):
             self._acts = self._activation_fns(opts["activation"])
@@ -396,7 +407,10 @@ class Updater:
             if self.method == "ctre" and self.phase == "random":
                 return  # ctre_seq after the switch: no scores needed
             st = self._stats[i]
-            if st.mode == "window":
+            if st.mode == "full":
+                if not self._collecting:
+                    return  # full statistics come from the Updater's own pass at the update only
+            elif st.mode == "window":
                 if self._window_steps is None:  # the first batch tells how many steps fill the window
                     self._window_steps = -(-st.max_samples // max(1, inputs[0].numel() // st.n_in))
                 if not self._window_open():
@@ -460,6 +474,9 @@ class Updater:
         elif missing:
             raise RuntimeError("RigL needs the gradient of a batch: call updater.arm() before a forward/backward "
                                f"pass (no captured batch for layers {missing})")
+        if self.method in ("ctre", "g2g") and self.opts["stats"] == "full" \
+                and not (self.method == "ctre" and self.phase == "random"):
+            self._collect_full()
         if self.method in ("ctre", "g2g") and not (self.method == "ctre" and self.phase == "random") \
                 and self._comm is None:  # (distributed: checked on the counts of every rank, in the scores)
             empty = [i for i, s in enumerate(self._stats) if s is None or s.n == 0]
@@ -492,6 +509,25 @@ class Updater:
                            "comm_bytes": c1[0] - c0[0], "comm_calls": c1[1] - c0[1],
                            "comm_seconds": c1[2] - c0[2], "score_exchange": list(self._exchange)})
 
+    @torch.no_grad()
+    def _collect_full(self) -> None:
+        """stats="full": one forward pass over ``stats_source()`` (the whole training set) recording every layer's
+        input and output activations with the current weights."""
+        if self.stats_source is None:
+            raise RuntimeError(f"{self.method} with stats='full' needs updater.stats_source: a callable returning an "
+                               "iterable of training input batches (the loop of sparsecore train sets it)")
+        for s in self._stats:
+            s.reset()
+        was = self.model.training
+        self.model.train()  # the hooks record training-mode forwards; no dropout/batch-norm in these MLPs
+        self._collecting = True
+        try:
+            for xb in self.stats_source():
+                self.model(xb)
+        finally:
+            self._collecting = False
+            self.model.train(was)
+
     def _seed(self, i: int, tag: int) -> int:
         return E.derive_seed(self.seed, self.n_updates, i, tag)
 
@@ -507,18 +543,44 @@ class Updater:
         keep, k = self._prune(i, layer, pattern, k)
         if k == 0:
             return {"pruned": 0, "grown": 0, "nnz": nnz}
-        occupied = keep if self.opts["regrow_pruned"] else None
-        if self._random_phase():
+        rp = self.opts["regrow_pruned"]
+        occupied = keep if rp else None
+        revived = 0
+        if self._random_phase() and rp != "keep":
             new_pattern, gather, newpos = E.regrow_random(pattern, keep, k, self._seed(i, E.RANDOM), occupied)
         else:
-            rows, cols = self._grow(i, layer, pattern, keep, occupied, k)
+            if self._random_phase():
+                rows, cols = E.random_absent(pattern, k, self._seed(i, E.RANDOM), occupied)
+            else:
+                rows, cols = self._grow(i, layer, pattern, keep, occupied, k)
             if len(rows) < k:
                 warnings.warn(f"layer {i}: only {len(rows)} of {k} regrowth candidates exist; nnz shrinks",
                               RuntimeWarning, stacklevel=3)
+            if rp == "keep":
+                keep, rows, cols, revived = self._revive(pattern, keep, rows, cols)
             new_pattern, gather, newpos = E.merge(pattern, keep, rows, cols)
         values = self._init_values(i, layer, newpos.numel())
         E.apply_edit(layer, self.optimizer, new_pattern, gather, newpos, values)
-        return {"pruned": k, "grown": newpos.numel(), "nnz": new_pattern.nnz}
+        return {"pruned": k, "grown": newpos.numel() + revived, "revived": revived, "nnz": new_pattern.nnz}
+
+    @staticmethod
+    def _revive(pattern, keep, rows, cols):
+        """regrow_pruned="keep": regrown positions that were pruned in this update become kept entries again (their
+        weight and optimizer state untouched) instead of new ones. Returns (keep, rows, cols, number revived)."""
+        n_cols = pattern.shape[1] // pattern.block_size
+        old = E.entry_positions(pattern)  # CSR order: ascending linear positions
+        new = torch.from_numpy(np.asarray(rows, dtype=np.int64)) * n_cols + torch.from_numpy(np.asarray(cols, np.int64))
+        if old.numel() == 0 or new.numel() == 0:
+            return keep, rows, cols, 0
+        idx = torch.searchsorted(old, new).clamp(max=old.numel() - 1)
+        hit = old[idx] == new
+        n = int(hit.sum())
+        if n == 0:
+            return keep, rows, cols, 0
+        keep = keep.copy()
+        keep[idx[hit].numpy()] = 1
+        stay = (~hit).numpy()
+        return keep, np.ascontiguousarray(rows[stay]), np.ascontiguousarray(cols[stay]), n
 
     def _prune(self, i, layer, pattern, k):
         """(keep mask, number pruned)."""

@@ -34,6 +34,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     normalize: str = "auto"
+    shuffle: bool = True                      # reshuffle the training set every epoch (False: one fixed order)
+    drop_last: bool = False                   # drop the last, smaller training batch of an epoch
+    decay_biases: bool = True                 # False: weight decay on the weights only (CTRE's reference L2)
     epsilon: Optional[float] = None
     density: Optional[float] = None
     model_options: Dict[str, Any] = field(default_factory=dict)
@@ -50,7 +53,7 @@ class TrainConfig:
 
     # the settings that shape the result: a checkpoint must match them to be resumed
     _RESULT_FIELDS = ("method", "dataset", "epochs", "hidden", "batch_size", "lr", "momentum", "nesterov",
-                      "weight_decay", "seed", "val_fraction", "normalize", "epsilon", "density", "model_options", "dst_options",
+                      "weight_decay", "seed", "val_fraction", "normalize", "shuffle", "drop_last", "decay_biases", "epsilon", "density", "model_options", "dst_options",
                       "time_budget")
 
     def fingerprint(self) -> Dict[str, Any]:
