@@ -56,8 +56,12 @@ class TrainConfig:
                       "weight_decay", "seed", "val_fraction", "normalize", "shuffle", "drop_last", "decay_biases", "epsilon", "density", "model_options", "dst_options",
                       "time_budget")
 
+    # fields added later: left out of the fingerprint at their defaults, so older checkpoints still resume
+    _LATER_DEFAULTS = {"shuffle": True, "drop_last": False, "decay_biases": True}
+
     def fingerprint(self) -> Dict[str, Any]:
-        return json.loads(json.dumps({k: jsonable(getattr(self, k)) for k in self._RESULT_FIELDS}))
+        return json.loads(json.dumps({k: jsonable(getattr(self, k)) for k in self._RESULT_FIELDS
+                                      if not (k in self._LATER_DEFAULTS and getattr(self, k) == self._LATER_DEFAULTS[k])}))
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
