@@ -5,7 +5,7 @@
 * every ``NAME/`` made by ``sparsecore bench e2e --protocol P --seeds N --out .../NAME``: one table per run, mean +-
   sample std over the seeds of the test accuracy at the best validation epoch, and of the last epoch's; from
   ``NAME/summary.json``, or, when the run was cut short before writing it, aggregated here from the
-  ``NAME/seed_S/results.json`` that exist (said in the table's title);
+  ``NAME/seed_S/results.json`` (or ``.json.gz``, as committed) that exist (said in the table's title);
 * ``ablation-*/LABEL-seedS.json`` (``sparsecore train`` reports): one row per LABEL;
 * ``audit-stats-*.json`` (bench/repro_audit.py): the overlap of the cosine picks per layer.
 
@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import statistics
 import sys
@@ -26,16 +27,23 @@ def _pm(d) -> str:
     return "-" if d["mean"] is None else f"{100 * d['mean']:.2f} ± {100 * d['std']:.2f}"
 
 
+def _read_json(p: Path):
+    if p.suffix == ".gz":
+        with gzip.open(p, "rt") as f:
+            return json.load(f)
+    return json.loads(p.read_text())
+
+
 def load_run(d: Path):
     """(rows, title note, summary or None) of one e2e run folder."""
     s = d / "summary.json"
     if s.is_file():
         summ = json.loads(s.read_text())
         return summ["table"], "", summ
-    seeds = sorted(d.glob("seed_*/results.json"))
+    seeds = sorted(d.glob("seed_*/results.json")) or sorted(d.glob("seed_*/results.json.gz"))
     if not seeds:
         return None, "", None
-    per = [json.loads(p.read_text()) for p in seeds]
+    per = [_read_json(p) for p in seeds]
     return aggregate(per), f" (cut short: {len(per)} finished seed(s), aggregated from seed_*/results.json)", None
 
 
