@@ -276,3 +276,23 @@ def test_rigl_per_epoch_constant_fraction():
     assert [h["pruned"] for h in upd.history] == [round(0.2 * n) for n in nnz] * 2
     with pytest.raises(ValueError, match="either every"):
         make_updater("rigl", m, opt, epochs=3, steps_per_epoch=4, per_epoch=True, every=2)
+
+
+def test_audit_d_zero_score_first_update_reproduces_the_reference_defect():
+    """zero_score_first_update=True: an update after step 1 that regrows the lowest flat positions of the reference's
+    (in, out) kernel (column 0 of our (out, in) layout first), before any score exists."""
+    torch.manual_seed(0)
+    model, layer = _one_layer(out_f=8, in_f=12, density=0.3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    upd = Updater(model, opt, "ctre", zeta=0.25, activation="relu", zero_score_first_update=True,
+                  regrow_pruned="keep", total_epochs=3)
+    old = set(E.entry_positions(layer.pattern).tolist())
+    model(torch.rand(4, 12)).sum().backward()
+    opt.step()
+    assert upd.step() and upd.n_updates == 1
+    new = set(E.entry_positions(layer.pattern).tolist()) - old
+    k = upd.history[0]["pruned"]
+    assert len(new) + upd.history[0]["revived"] == k
+    kernel_order = sorted(range(96), key=lambda p: (p % 12, p // 12))       # (in, out) flat order
+    assert all(kernel_order.index(p) < 8 * 2 + k for p in new)               # within the first columns
+    assert min(p % 12 for p in new) == 0

@@ -27,7 +27,10 @@ ctre       per epoch: prune ``zeta`` = 0.2 by magnitude; regrow at the empty pos
            ``variant``: ``"cte"`` cosine only; ``"ctre_sim"`` a cosine pick that was pruned in the same update is
            replaced by a uniformly random empty position (never one pruned in that update); ``"ctre_seq"``
            cosine until :meth:`Updater.report_validation` saw no improvement for ``patience`` = 40 reports
-           (epochs), random (SET-like) regrowth after that.
+           (epochs), random (SET-like) regrowth after that. ``zero_score_first_update=True`` reproduces a defect
+           of the reference code, for measuring it: an update right after the first optimizer step, before any
+           score exists, whose all-zero scores make TF's ``top_k`` regrow the lowest flat positions of the
+           ``(in, out)`` kernel (input neuron 0 to outputs 0, 1, ..., then input neuron 1, ...).
 g2g        per epoch: prune ``zeta`` = 0.3 by magnitude, regrow at the empty positions with the largest
            ``|Pearson corr(a_i, a_j)|``; new weights 0 (ours). ``within_ensembles=True`` restricts regrowth to
            linked ensemble pairs: ``groups`` ensembles per layer, the links taken from the layer's pattern when the
@@ -124,7 +127,7 @@ _DEFAULTS = {
     "set": dict(zeta=0.3, set_signed=False, init="normal", init_scale=0.1),
     "rigl": dict(alpha=None, delta_t=100, stop_fraction=0.75, init="zero", anneal=True),
     "ctre": dict(zeta=0.2, variant="cte", patience=40, init="kaiming_uniform", activation="auto",
-                 max_samples=2048, stats="window"),
+                 max_samples=2048, stats="window", zero_score_first_update=False),
     "g2g": dict(zeta=0.3, within_ensembles=False, groups=None, ensemble_links=None, init="zero",
                 activation="auto", max_samples=2048, stats="window"),
     "gmp": dict(target_density=None, start=0, end=None, end_fraction=0.75, delta_t=100, prune_input=True),
@@ -192,6 +195,7 @@ class Updater:
             raise ValueError(f"regrow_pruned must be True, False or 'keep', got {opts['regrow_pruned']!r}")
         self.stats_source: Optional[Callable] = None  # stats="full": callable -> iterable of training input batches
         self._collecting = False
+        self._zero_scores = False  # ctre zero_score_first_update: the update after step 1 is running
 
         # ---- layers
         if layers is None:
@@ -293,7 +297,14 @@ class Updater:
         """Call after every ``optimizer.step()``. Returns True when it rewired."""
         self.t += 1
         did = False
-        if self.per_epoch:
+        if self.method == "ctre" and self.opts["zero_score_first_update"] and self.t == 1 and self.n_updates == 0:
+            self._zero_scores = True
+            try:
+                self.update()
+            finally:
+                self._zero_scores = False
+            did = True
+        elif self.per_epoch:
             if self.steps_per_epoch and self.t % self.steps_per_epoch == 0:
                 did = self._epoch_tick()
         elif self.every is not None and (self.t % self.every == 0 or self._extra_update_step(self.t)):
@@ -474,11 +485,10 @@ class Updater:
         elif missing:
             raise RuntimeError("RigL needs the gradient of a batch: call updater.arm() before a forward/backward "
                                f"pass (no captured batch for layers {missing})")
-        if self.method in ("ctre", "g2g") and self.opts["stats"] == "full" \
-                and not (self.method == "ctre" and self.phase == "random"):
+        no_scores = self._zero_scores or (self.method == "ctre" and self.phase == "random")
+        if self.method in ("ctre", "g2g") and self.opts["stats"] == "full" and not no_scores:
             self._collect_full()
-        if self.method in ("ctre", "g2g") and not (self.method == "ctre" and self.phase == "random") \
-                and self._comm is None:  # (distributed: checked on the counts of every rank, in the scores)
+        if self.method in ("ctre", "g2g") and not no_scores and self._comm is None:  # (distributed: checked on the counts of every rank, in the scores)
             empty = [i for i, s in enumerate(self._stats) if s is None or s.n == 0]
             if empty:
                 raise RuntimeError(f"{self.method} needs activation statistics: run training forward passes (train "
@@ -604,8 +614,32 @@ class Updater:
         return self.method == "set" or (self.method == "ctre" and self.opts["variant"] == "ctre_seq"
                                         and self.phase == "random")
 
+    def _lowest_kernel_positions(self, pattern, keep, k):
+        """zero_score_first_update: the first k positions not kept in the flat order of the reference's (in, out)
+        kernel, i.e. column by column of our (out, in) layout (TF top_k returns equal scores lowest index first)."""
+        n_rows, n_cols = pattern.shape[0] // pattern.block_size, pattern.shape[1] // pattern.block_size
+        kept = E.entry_positions(pattern, keep)
+        picks = []
+        rows = torch.arange(n_rows, dtype=torch.int64)
+        c, need = 0, k
+        while need > 0 and c < n_cols:
+            pos = rows * n_cols + c
+            free = pos[~torch.isin(pos, kept)][:need]
+            picks.append(free)
+            need -= free.numel()
+            c += 1
+        pos = torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.int64)
+        return (pos // n_cols).numpy().astype(np.int32), (pos % n_cols).numpy().astype(np.int32)
+
     def _grow(self, i, layer, pattern, keep, occupied, k):
         m = self.method
+        if self._zero_scores:
+            if occupied is None:
+                raise ValueError("zero_score_first_update needs regrow_pruned=True or 'keep' (as the reference)")
+            rows, cols = self._lowest_kernel_positions(pattern, keep, k)
+            if self.opts["variant"] == "ctre_sim":
+                rows, cols = self._ctre_sim_replace(i, pattern, keep, rows, cols)
+            return rows, cols
         topk = E.TopKAbsent(pattern, k, self._seed(i, E.GROW), occupied)
         bs, ce = layer.block_size, self.opts["chunk_elems"]
         reduce, gather = self._score_exchange(i, layer)  # data parallelism: scores of every rank's samples
