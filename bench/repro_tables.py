@@ -66,9 +66,9 @@ def run_table(name: str, rows, note: str, summ) -> str:
 
 def ablation_table(d: Path) -> str:
     groups = {}
-    for p in sorted(d.glob("*-seed*.json")):
-        label = p.stem.rsplit("-seed", 1)[0]
-        groups.setdefault(label, []).append(json.loads(p.read_text()))
+    for p in sorted(list(d.glob("*-seed*.json")) + list(d.glob("*-seed*.json.gz"))):
+        label = p.name.rsplit("-seed", 1)[0]
+        groups.setdefault(label, []).append(_read_json(p))
     out = [f"**{d.name}** (sparsecore train reports, CTRE protocol settings)", "",
            "| variant | n | test acc % (best val) | final test acc % |", "|---|---:|---:|---:|"]
     for label, reps in groups.items():
