@@ -24,6 +24,14 @@ Equal time (``--time-budget SECONDS``, or ``--equal-time`` for the dense run's o
 budget (so its schedules, e.g. RigL's and ETSM's, are planned for the run it gets, at most ``--max-epochs``), and
 stops when the budget is spent. The table then shows each method's epochs and accuracy within that time.
 
+Protocols (``--protocol ctre|g2g|tsm``, :mod:`sparsecore.apps.protocols`): the rows and shared settings of a seed
+paper's comparison (CTRE's: per-epoch updates for every method, zeta 0.2, lr 0.01, batch 100, L2 on weights only,
+epsilon 1, MinMax scaling, no shuffling, ...). An option given explicitly on the command line overrides the
+protocol's value; ``--methods`` picks rows by label. ``--seeds N`` repeats the whole comparison for seeds
+``--seed .. --seed + N - 1`` (split, model and data order) into ``--out/seed_S/`` and writes ``--out/summary.json``
+(per row: mean, std and values of the test accuracy at the best validation epoch, of the final one, and the mean
+per-epoch validation/test curves) and ``--out/curves.png``, and prints the mean +- std table.
+
 Defaults: builtin data, widths 1000-1000-1000, 10 epochs, lr 0.05 (``sparsecore train`` keeps CTRE's 0.01, meant for
 hundreds of epochs), one thread. One thread because on a shared 2-core machine multi-threaded (OpenMP) timings of
 these small steps swung by 5 to 60 times whenever another process was running, while single-thread timings
@@ -35,6 +43,7 @@ skipped with a note otherwise) go to ``--out`` (default ``e2e-results``).
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import math
 import statistics
@@ -44,6 +53,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .models import METHODS
+from .protocols import protocol_names, resolve as resolve_protocol
 from .train import TrainConfig, TrainError, machine_info, train, write_text_atomic
 from .train.cli import add_common_arguments, check_common_arguments, common_config, key_value
 
@@ -112,8 +122,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="e2e-results", help="folder for results.json and e2e.png")
     add_common_arguments(p)
     p.add_argument("--no-plot", action="store_true", help="do not draw e2e.png")
+    p.add_argument("--protocol", choices=protocol_names(), default=None,
+                   help="a seed paper's comparison protocol (sparsecore/apps/protocols.py); explicit options win")
+    p.add_argument("--seeds", type=lambda s: _positive(s, "seeds"), default=1,
+                   help="repeat for seeds --seed .. --seed+N-1 and report mean +- std per method")
     p.set_defaults(lr=DEFAULT_LR, threads=DEFAULT_THREADS)
     return p
+
+
+# command-line dests -> TrainConfig fields (for the protocol's overrides)
+_DEST_TO_FIELD = {"no_nesterov": "nesterov", "no_bias_decay": "decay_biases", "no_shuffle": "shuffle"}
+
+
+def explicit_fields(parser: argparse.ArgumentParser, argv: Sequence[str]) -> Dict[str, Any]:
+    """TrainConfig fields set by options given explicitly in ``argv`` (not by defaults), with their values."""
+    q = copy.deepcopy(parser)
+    for act in q._actions:
+        act.default = argparse.SUPPRESS
+    q._defaults = {}  # set_defaults(lr=..., threads=...) of the parser: not explicit
+    given = vars(q.parse_args(list(argv)))
+    full = vars(parser.parse_args(list(argv)))
+    out: Dict[str, Any] = {}
+    for dest in given:
+        if dest in _DEST_TO_FIELD:
+            out[_DEST_TO_FIELD[dest]] = not full[dest]
+        elif dest in ("hidden",):
+            out[dest] = tuple(full[dest])
+        else:
+            out[dest] = full[dest]
+    return out
 
 
 def _positive(s: str, name: str) -> int:
@@ -346,11 +383,33 @@ def run(methods: Sequence[str], *, out: Optional[str] = "e2e-results", plot_png:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
-    a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    a = p.parse_args(argv)
     check_common_arguments(p, a)
     try:
-        run(a.methods, out=a.out, plot_png=not a.no_plot, quiet=a.quiet, runs=a.run, time_budget=a.time_budget,
-            equal_time=a.equal_time, max_epochs=a.max_epochs, **common_config(a))
+        command = "sparsecore bench e2e " + " ".join(argv)
+        kw = dict(out=a.out, plot_png=not a.no_plot, quiet=a.quiet, time_budget=a.time_budget,
+                  equal_time=a.equal_time, max_epochs=a.max_epochs)
+        if a.protocol is not None:
+            given = explicit_fields(p, argv)
+            methods = given.pop("methods", None)
+            cfg = common_config(a)
+            explicit = {k: v for k, v in given.items() if k in cfg}
+            try:
+                res = resolve_protocol(a.protocol, a.dataset, explicit, methods)
+            except ValueError as e:
+                raise TrainError(str(e)) from None
+            settings = dict(cfg, **res["settings"])
+            if not a.quiet:
+                print(f"protocol {a.protocol}: {res['protocol']['paper']}" +
+                      (f"; overridden by the command line: {', '.join(res['overridden'])}" if res["overridden"]
+                       else ""), flush=True)
+            run_seeds([], seeds=a.seeds, runs=res["rows"] + list(a.run), protocol=res, command=command, **kw,
+                      **settings)
+        elif a.seeds > 1:
+            run_seeds(a.methods, seeds=a.seeds, runs=a.run, command=command, **kw, **common_config(a))
+        else:
+            run(a.methods, runs=a.run, **kw, **common_config(a))
     except TrainError as e:
         print(f"sparsecore bench e2e: error: {e}", file=sys.stderr)
         return 2
@@ -358,6 +417,132 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print("sparsecore bench e2e: interrupted", file=sys.stderr)
         return 130
     return 0
+
+
+# ------------------------------------------------------------------------------------------ seeds and summaries
+
+
+def _mean_std(xs: Sequence[float]):
+    xs = [x for x in xs if x is not None]
+    if not xs:
+        return None, None
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0)
+
+
+def aggregate(per_seed: Sequence[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    """Per row label over the seeds' results dicts (as :func:`run` returns): ``n``, mean / std / values of the test
+    accuracy at the best validation epoch and of the final test accuracy, density, median s/epoch, and the mean
+    per-epoch validation and test accuracy (over the seeds that ran that epoch)."""
+    if not per_seed:
+        raise ValueError("no results to aggregate")
+    labels = list(per_seed[0]["methods"])
+    rows = []
+    for m in labels:
+        reps = [r["runs"][m] for r in per_seed if m in r["runs"]]
+        tab = [next(t for t in r["table"] if t["method"] == m) for r in per_seed if m in r["runs"]]
+        acc = [x["test_accuracy"] for x in reps]
+        fin = [x["final_test_accuracy"] for x in reps]
+        n_ep = max(len(x["history"]) for x in reps)
+        curve = {}
+        for key in ("val_accuracy", "test_accuracy"):
+            pts = []
+            for e in range(n_ep):
+                vals = [x["history"][e][key] for x in reps if len(x["history"]) > e and
+                        x["history"][e][key] is not None]
+                pts.append(_mean_std(vals))
+            curve[key] = {"mean": [p[0] for p in pts], "std": [p[1] for p in pts]}
+        ma, sa = _mean_std(acc)
+        mf, sf = _mean_std(fin)
+        rows.append({"method": m, "base_method": reps[0]["args"]["method"], "n": len(reps), "seeds":
+                     [x["args"]["seed"] for x in reps],
+                     "test_accuracy": {"mean": ma, "std": sa, "values": acc},
+                     "final_test_accuracy": {"mean": mf, "std": sf, "values": fin},
+                     "best_epoch": [x["best_epoch"] for x in reps],
+                     "density": statistics.fmean(x["density"] for x in reps),
+                     "nnz": statistics.fmean(x["nnz"] for x in reps),
+                     "median_epoch_seconds": statistics.median(t["median_epoch_seconds"] for t in tab),
+                     "epochs": n_ep, "curves": curve})
+    return rows
+
+
+def format_summary(rows: Sequence[Dict[str, Any]]) -> str:
+    """mean +- std (n seeds) table of :func:`aggregate`'s rows."""
+    head = ("method", "density", "test acc (best val)", "final test acc", "n", "s/epoch")
+    pm = lambda d: "-" if d["mean"] is None else f"{d['mean']:.4f} +- {d['std']:.4f}"
+    lines = [(r["method"], f"{r['density']:.4f}", pm(r["test_accuracy"]), pm(r["final_test_accuracy"]), str(r["n"]),
+              f"{r['median_epoch_seconds']:.3f}") for r in rows]
+    return _table(head, lines)
+
+
+def plot_curves(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optional[str]:
+    """Mean validation and test accuracy per epoch (band: +- one std over the seeds), one curve per row."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+    for k, r in enumerate(rows):
+        for ax, key in zip(axes, ("val_accuracy", "test_accuracy")):
+            c = r["curves"][key]
+            ep = [e + 1 for e, v in enumerate(c["mean"]) if v is not None]
+            mu = [v for v in c["mean"] if v is not None]
+            sd = [s for v, s in zip(c["mean"], c["std"]) if v is not None]
+            ax.plot(ep, mu, color=f"C{k % 10}", label=r["method"], ls="--" if r["method"] == "dense" else "-")
+            ax.fill_between(ep, [m - s for m, s in zip(mu, sd)], [m + s for m, s in zip(mu, sd)],
+                            color=f"C{k % 10}", alpha=0.15)
+    for ax, name in zip(axes, ("validation", "test")):
+        ax.set(xlabel="epoch", ylabel=f"{name} accuracy", title=f"{name} accuracy (mean +- std over seeds)")
+        ax.grid(True, alpha=0.3)
+    axes[1].legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return None
+
+
+def run_seeds(methods: Sequence[str], *, seeds: int, out: Optional[str] = "e2e-results", plot_png: bool = True,
+              quiet: bool = False, protocol: Optional[Dict[str, Any]] = None, command: Optional[str] = None,
+              **kw) -> Dict[str, Any]:
+    """:func:`run` for seeds ``seed .. seed + seeds - 1`` (each into ``out/seed_S``), then the mean +- std summary
+    (returned, and written to ``out/summary.json`` with ``out/curves.png``)."""
+    seed0 = int(kw.pop("seed", 0))
+    per_seed = []
+    say = (lambda s: None) if quiet else (lambda s: print(s, flush=True))
+    for s in range(seed0, seed0 + int(seeds)):
+        say(f"=== seed {s} ({s - seed0 + 1} of {seeds})")
+        sub = None if out is None else str(Path(out) / f"seed_{s}")
+        per_seed.append(run(methods, out=sub, plot_png=plot_png, quiet=quiet, seed=s, **kw))
+    rows = aggregate(per_seed)
+    first = per_seed[0]
+    summary = {"benchmark": "sparsecore bench e2e (seeds)", "protocol": None if protocol is None else
+               {"name": protocol["protocol"]["name"], "overridden": protocol["overridden"],
+                "paper": protocol["protocol"]["paper"], "claim": protocol["protocol"]["claim"],
+                "notes": protocol["protocol"]["notes"],
+                "rows": jsonable_rows(protocol["rows"])},
+               "dataset": first["runs"][first["methods"][0]]["dataset"], "seeds": list(range(seed0, seed0 + seeds)),
+               "settings": {k: v for k, v in first["settings"].items() if k != "seed"}, "split": first["split"],
+               "machine": first["machine"], "table": rows,
+               "command": command}
+    say(f"\n{summary['dataset']}: mean +- std over {seeds} seed(s), {first['settings']['epochs']} epochs")
+    say(format_summary(rows))
+    if out is not None:
+        d = Path(out)
+        d.mkdir(parents=True, exist_ok=True)
+        if plot_png:
+            note = plot_curves(rows, d / "curves.png", f"{summary['dataset']}: {seeds} seed(s)" +
+                               (f", protocol {protocol['protocol']['name']}" if protocol else ""))
+            summary["plot"] = None if note else str(d / "curves.png")
+        write_text_atomic(json.dumps(summary, indent=2) + "\n", d / "summary.json")
+        say(f"wrote {d / 'summary.json'}")
+    return summary
+
+
+def jsonable_rows(rows):
+    return json.loads(json.dumps(rows, default=lambda v: list(v) if isinstance(v, tuple) else repr(v)))
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -40,14 +40,15 @@ density.
 
 Initialisation (``init=`` option): ``"linear"`` is ``nn.Linear``'s ``U(+-1/sqrt(fan_in))`` (dense fan-in), ``"he"`` is
 ``U(+-sqrt(6/fan_in))`` (METHODS.md's rule for CTRE's regrown weights), ``"normal"`` is ``N(0, 1)/10`` (SET's
-reference), ``"sparse"`` is ``U(+-1/sqrt(k))`` with ``k`` the live inputs of each output neuron (its actual
+reference), ``"glorot"`` is ``U(+-sqrt(6/(fan_in+fan_out)))`` of the *dense* shape with zero biases (TF's
+``glorot_uniform`` kernel then masked: the CTRE/RigL reference code's initial weights), ``"sparse"`` is ``U(+-1/sqrt(k))`` with ``k`` the live inputs of each output neuron (its actual
 fan-in: ``nn.Linear``'s rule carried over to sparse layers, identical to ``"linear"`` on dense and full layers).
 Defaults: SET's reference rule for ``set``/``static`` (``"normal"``), ``"linear"`` for ``dense``, and ``"sparse"`` for ``rigl``, ``g2g``, ``tsm``,
 ``etsm`` and ``ctre`` (ours: with the dense fan-in a sparse layer starts with activations shrinking layer after
 layer; TSM's input layer with ``fan_out = 1`` gives a hidden neuron only ``in / hidden`` inputs, and CTRE at
 ``epsilon = 1`` about 2: with ``"he"``, the rule METHODS.md gives for CTRE's *regrown* weights, our CTRE MLP on
 Fashion-MNIST stayed at chance, train loss ln 10, for 2 epochs at lr 0.05, while ``"sparse"`` reached 77% test
-accuracy). Biases always start as ``nn.Linear``'s.
+accuracy). Biases start as ``nn.Linear``'s (zeros with ``"glorot"``).
 
 Every random choice (patterns, initial values) comes from ``seed`` alone: the same arguments give the same model,
 whatever the state of torch's global generator, which is left untouched.
@@ -93,7 +94,7 @@ _OPTIONS: Dict[str, Tuple[str, ...]] = {
     "g2g": ("groups", "links", "inner_density", "linking", "block_size", "block_sizes", "init"),
 }
 
-_INITS = ("linear", "he", "normal", "sparse")
+_INITS = ("linear", "he", "normal", "sparse", "glorot")
 
 
 def method_defaults(method: str) -> Dict[str, Any]:
@@ -197,6 +198,9 @@ def _init_values(layer: nn.Module, init: str, g: torch.Generator) -> None:
             w.uniform_(-bound, bound, generator=g)
         elif init == "normal":
             w.normal_(0.0, 0.1, generator=g)
+        elif init == "glorot":  # TF's glorot_uniform of the dense kernel, then masked (the CTRE/RigL reference)
+            bound = math.sqrt(6.0 / (fan_in + layer.out_features))
+            w.uniform_(-bound, bound, generator=g)
         elif init == "sparse":
             if not isinstance(layer, SparseLinear):
                 return _init_values(layer, "linear", g)
@@ -210,8 +214,11 @@ def _init_values(layer: nn.Module, init: str, g: torch.Generator) -> None:
         else:  # pragma: no cover - checked earlier
             raise ValueError(init)
         if layer.bias is not None:
-            bound = 1.0 / math.sqrt(fan_in)
-            layer.bias.uniform_(-bound, bound, generator=g)
+            if init == "glorot":
+                layer.bias.zero_()  # TF dense layers' zeros bias initializer
+            else:
+                bound = 1.0 / math.sqrt(fan_in)
+                layer.bias.uniform_(-bound, bound, generator=g)
 
 
 def _sparse(pattern: Pattern) -> SparseLinear:
@@ -417,6 +424,9 @@ def make_updater(method: str, model: nn.Module, optimizer: torch.optim.Optimizer
 
     * ``every`` (steps) for RigL and ETSM: ``min(100, steps_per_epoch)`` (ours: the reference's ``delta_t = 100``,
       made shorter when an epoch is, so that short runs still get updates); per epoch for SET, CTRE and G2G.
+      ``per_epoch=True`` puts RigL on the per-epoch schedule too (an update at the end of every epoch but the last,
+      from the gradient of the epoch's last batch, as CTRE's comparison runs it; give ``anneal=False`` and
+      ``stop_fraction=1.0`` for its constant drop fraction over the whole run).
     * ``total_steps = epochs * steps_per_epoch`` and ``total_epochs = epochs`` (no update after the last epoch).
     * ``activation`` for CTRE/G2G: softmax after the model's output layer, ReLU after the others (the updater's
       "auto" would take the last *sparse* layer for the output, wrong when the output layer is dense).
@@ -437,7 +447,18 @@ def make_updater(method: str, model: nn.Module, optimizer: torch.optim.Optimizer
     total_steps = int(epochs) * int(steps_per_epoch)
     opts = dict(options)
     kw: Dict[str, Any] = {"total_steps": total_steps, "total_epochs": int(epochs), "seed": int(seed)}
-    if "every" in opts:
+    per_epoch = opts.pop("per_epoch", None)
+    if per_epoch is not None and not isinstance(per_epoch, bool):
+        raise ValueError(f"per_epoch must be true or false, got {per_epoch!r}")
+    if per_epoch and "every" in opts:
+        raise ValueError("give either every= (steps) or per_epoch=True, not both")
+    if per_epoch and method in _STEP_METHODS:
+        if method == "etsm":
+            raise ValueError("etsm prunes gradually every `every` steps: per_epoch does not apply")
+        kw.update(per_epoch=True, steps_per_epoch=int(steps_per_epoch))  # epochs counted by step()
+    elif per_epoch is False and method not in _STEP_METHODS:
+        raise ValueError(f"method {method!r} updates once per epoch; give every= (steps) for another schedule")
+    elif "every" in opts:
         every = opts.pop("every")
         kw["every"] = None if every is None else int(every)
     elif method in _STEP_METHODS:

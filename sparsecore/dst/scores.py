@@ -13,6 +13,10 @@ one of two modes:
   before the update, paired row by row, and every score is exact over them. The Updater records only in the last
   steps before an update (when it knows the schedule), so the other steps pay nothing; the activations come from
   nearly the weights being rewired, as the reference's end-of-epoch pass over the training set does.
+* ``"full"``: every row recorded while the Updater runs its own pass over the whole training set at the update
+  (``Updater(..., stats="full")`` with ``updater.stats_source`` set: CTRE's reference computes its cosine over the
+  whole training set with the weights being rewired). Exact; memory ``n_train * (in + out)`` floats per layer
+  during the update, released after it. Not available under data parallelism.
 * ``"reservoir"``: running sums over *every* training sample seen since the last topology update (count, sum, sum
   of squares per neuron), and a uniform reservoir sample (Vitter's algorithm R) of at most ``max_samples`` rows
   for the cross term ``sum_b a_i(b) a_j(b)``, rescaled to the number of samples seen. Every step pays for it.
@@ -78,7 +82,7 @@ class ActivationStats:
     replacement choices (reproducible, saved in :meth:`state_dict`).
     """
 
-    MODES = ("window", "reservoir")
+    MODES = ("window", "reservoir", "full")
 
     def __init__(self, n_in: int, n_out: int, max_samples: int = 2048, generator: Optional[torch.Generator] = None,
                  mode: str = "reservoir"):
@@ -96,11 +100,20 @@ class ActivationStats:
         self.x: Optional[Tensor] = None  # rows (m, in) and (m, out): the reservoir, or the window's ring buffer
         self.y: Optional[Tensor] = None
         self.sx = self.sxx = self.sy = self.syy = None  # reservoir: float64 running sums (in,), (out,)
+        self._rows = []  # full: the batches recorded since the last consolidation
 
     @property
     def m(self) -> int:
         """Rows held."""
-        return min(self.n, self.max_samples)
+        return self.n if self.mode == "full" else min(self.n, self.max_samples)
+
+    def _consolidate(self) -> None:
+        """full mode: concatenate the recorded batches into ``x`` / ``y``."""
+        if self.mode == "full" and self._rows:
+            xs = ([self.x] if self.x is not None else []) + [r[0] for r in self._rows]
+            ys = ([self.y] if self.y is not None else []) + [r[1] for r in self._rows]
+            self.x, self.y = torch.cat(xs), torch.cat(ys)
+            self._rows = []
 
     def _allocate(self, x: Tensor, y: Tensor) -> None:
         M = self.max_samples
@@ -117,6 +130,10 @@ class ActivationStats:
         y = y.detach().reshape(-1, self.n_out)
         b = x.shape[0]
         if b == 0:
+            return
+        if self.mode == "full":
+            self._rows.append((x.clone(), y.clone()))
+            self.n += b
             return
         if self.x is None:
             self._allocate(x, y)
@@ -166,15 +183,17 @@ class ActivationStats:
         """``(n, sx, sxx, sy, syy, X, Y, scale)``: the number of samples the sums cover, the float64 sums and sums
         of squares per input and output neuron, the rows ``X (m, in)``, ``Y (m, out)`` of the cross term, and
         ``scale`` such that ``scale * Y^T X`` estimates the cross term over the ``n`` samples."""
+        self._consolidate()
         m = self.m
         X, Y = self.x[:m], self.y[:m]
-        if self.mode == "window":
+        if self.mode in ("window", "full"):
             f64 = torch.float64
             return (m, X.sum(0, dtype=f64), (X * X).sum(0, dtype=f64), Y.sum(0, dtype=f64), (Y * Y).sum(0, dtype=f64),
                     X, Y, 1.0)
         return self.n, self.sx, self.sxx, self.sy, self.syy, X, Y, self.n / m
 
     def state_dict(self) -> dict:
+        self._consolidate()
         return {"mode": self.mode, "n": self.n, "pos": self.pos, "x": self.x, "y": self.y, "sx": self.sx,
                 "sxx": self.sxx, "sy": self.sy, "syy": self.syy}
 
@@ -182,6 +201,7 @@ class ActivationStats:
         if sd.get("mode", "reservoir") != self.mode:
             raise ValueError(f"statistics were gathered in mode {sd.get('mode')!r}, this layer's are {self.mode!r}")
         self.n, self.pos = int(sd["n"]), int(sd.get("pos", 0))
+        self._rows = []
         for k in ("x", "y", "sx", "sxx", "sy", "syy"):
             v = sd[k]
             setattr(self, k, None if v is None else v.clone())

@@ -27,7 +27,10 @@ ctre       per epoch: prune ``zeta`` = 0.2 by magnitude; regrow at the empty pos
            ``variant``: ``"cte"`` cosine only; ``"ctre_sim"`` a cosine pick that was pruned in the same update is
            replaced by a uniformly random empty position (never one pruned in that update); ``"ctre_seq"``
            cosine until :meth:`Updater.report_validation` saw no improvement for ``patience`` = 40 reports
-           (epochs), random (SET-like) regrowth after that.
+           (epochs), random (SET-like) regrowth after that. ``zero_score_first_update=True`` reproduces a defect
+           of the reference code, for measuring it: an update right after the first optimizer step, before any
+           score exists, whose all-zero scores make TF's ``top_k`` regrow the lowest flat positions of the
+           ``(in, out)`` kernel (input neuron 0 to outputs 0, 1, ..., then input neuron 1, ...).
 g2g        per epoch: prune ``zeta`` = 0.3 by magnitude, regrow at the empty positions with the largest
            ``|Pearson corr(a_i, a_j)|``; new weights 0 (ours). ``within_ensembles=True`` restricts regrowth to
            linked ensemble pairs: ``groups`` ensembles per layer, the links taken from the layer's pattern when the
@@ -42,12 +45,17 @@ etsm       ``gmp`` on every layer but the TSM input layer (the model's first ``n
 =========  ==================================================================================================
 
 Common options: ``regrow_pruned`` (True: an entry pruned in an update may be regrown by it, as a new entry with
-the method's initial weight and zero optimizer state; False: it may not), ``init`` (``"zero"``, ``"normal"``
+the method's initial weight and zero optimizer state; ``"keep"``: it may, and then it keeps its weight and optimizer
+state, as if never pruned, as the RigL/CTRE reference code does (a regrown position that was in the mask is "not a
+new connection" there); False: it may not), ``init`` (``"zero"``, ``"normal"``
 (std ``init_scale``), ``"uniform"`` (``+-init_scale``), ``"kaiming_uniform"`` (``+-sqrt(6 / in_features)``) or a
 callable ``f(shape, generator, layer) -> Tensor``), ``chunk_elems`` = 2**20 (elements of one chunk of a dense
 score matrix: RigL's gradient, CTRE's cosine, G2G's correlation are computed and streamed into a top-k in chunks
 of output rows, never whole), ``max_samples`` = 2048 (CTRE/G2G reservoir rows per layer, see
-:mod:`sparsecore.dst.scores`), ``activation`` (CTRE/G2G output-neuron activations: ``"auto"`` = softmax of the
+:mod:`sparsecore.dst.scores`), ``stats`` (CTRE/G2G: ``"window"``, the activations of the last ``max_samples`` rows
+of the training steps before the update; ``"reservoir"``; ``"full"``, a pass of the Updater's own over the whole
+training set at each update, as CTRE's reference: set ``updater.stats_source`` to a callable returning an iterable
+of input batches, e.g. the training set without its labels), ``activation`` (CTRE/G2G output-neuron activations: ``"auto"`` = softmax of the
 output of the model's output layer (its last ``nn.Linear``/``SparseLinear``), ReLU of the others; or ``"relu"``,
 ``"softmax"``, ``"identity"``, ``"tanh"``, ``"sigmoid"``, a callable, or a list with one per layer).
 
@@ -119,7 +127,7 @@ _DEFAULTS = {
     "set": dict(zeta=0.3, set_signed=False, init="normal", init_scale=0.1),
     "rigl": dict(alpha=None, delta_t=100, stop_fraction=0.75, init="zero", anneal=True),
     "ctre": dict(zeta=0.2, variant="cte", patience=40, init="kaiming_uniform", activation="auto",
-                 max_samples=2048, stats="window"),
+                 max_samples=2048, stats="window", zero_score_first_update=False),
     "g2g": dict(zeta=0.3, within_ensembles=False, groups=None, ensemble_links=None, init="zero",
                 activation="auto", max_samples=2048, stats="window"),
     "gmp": dict(target_density=None, start=0, end=None, end_fraction=0.75, delta_t=100, prune_input=True),
@@ -183,6 +191,11 @@ class Updater:
             raise ValueError(f"dist_scores must be 'auto', 'reduce' or 'gather', got {opts['dist_scores']!r}")
         if method in ("ctre", "g2g") and opts["stats"] not in ActivationStats.MODES:
             raise ValueError(f"stats must be one of {ActivationStats.MODES}, got {opts['stats']!r}")
+        if opts["regrow_pruned"] not in (True, False, "keep"):
+            raise ValueError(f"regrow_pruned must be True, False or 'keep', got {opts['regrow_pruned']!r}")
+        self.stats_source: Optional[Callable] = None  # stats="full": callable -> iterable of training input batches
+        self._collecting = False
+        self._zero_scores = False  # ctre zero_score_first_update: the update after step 1 is running
 
         # ---- layers
         if layers is None:
@@ -255,6 +268,8 @@ class Updater:
         self._dy: List[Optional[Tensor]] = [None] * len(self.layers)
         # data-parallel training (torch.distributed initialised, more than one rank): None otherwise
         self._comm = D.active_comm(process_group)
+        if method in ("ctre", "g2g") and opts["stats"] == "full" and self._comm is not None:
+            raise ValueError("stats='full' is not available under data parallelism: use 'window' or 'reservoir'")
         self.costs: List[dict] = []  # one record per update: seconds, and what it communicated
         if method in ("ctre", "g2g"):
             self._acts = self._activation_fns(opts["activation"])
@@ -282,7 +297,14 @@ class Updater:
         """Call after every ``optimizer.step()``. Returns True when it rewired."""
         self.t += 1
         did = False
-        if self.per_epoch:
+        if self.method == "ctre" and self.opts["zero_score_first_update"] and self.t == 1 and self.n_updates == 0:
+            self._zero_scores = True
+            try:
+                self.update()
+            finally:
+                self._zero_scores = False
+            did = True
+        elif self.per_epoch:
             if self.steps_per_epoch and self.t % self.steps_per_epoch == 0:
                 did = self._epoch_tick()
         elif self.every is not None and (self.t % self.every == 0 or self._extra_update_step(self.t)):
@@ -396,7 +418,10 @@ class Updater:
             if self.method == "ctre" and self.phase == "random":
                 return  # ctre_seq after the switch: no scores needed
             st = self._stats[i]
-            if st.mode == "window":
+            if st.mode == "full":
+                if not self._collecting:
+                    return  # full statistics come from the Updater's own pass at the update only
+            elif st.mode == "window":
                 if self._window_steps is None:  # the first batch tells how many steps fill the window
                     self._window_steps = -(-st.max_samples // max(1, inputs[0].numel() // st.n_in))
                 if not self._window_open():
@@ -460,8 +485,10 @@ class Updater:
         elif missing:
             raise RuntimeError("RigL needs the gradient of a batch: call updater.arm() before a forward/backward "
                                f"pass (no captured batch for layers {missing})")
-        if self.method in ("ctre", "g2g") and not (self.method == "ctre" and self.phase == "random") \
-                and self._comm is None:  # (distributed: checked on the counts of every rank, in the scores)
+        no_scores = self._zero_scores or (self.method == "ctre" and self.phase == "random")
+        if self.method in ("ctre", "g2g") and self.opts["stats"] == "full" and not no_scores:
+            self._collect_full()
+        if self.method in ("ctre", "g2g") and not no_scores and self._comm is None:  # (distributed: checked on the counts of every rank, in the scores)
             empty = [i for i, s in enumerate(self._stats) if s is None or s.n == 0]
             if empty:
                 raise RuntimeError(f"{self.method} needs activation statistics: run training forward passes (train "
@@ -492,6 +519,25 @@ class Updater:
                            "comm_bytes": c1[0] - c0[0], "comm_calls": c1[1] - c0[1],
                            "comm_seconds": c1[2] - c0[2], "score_exchange": list(self._exchange)})
 
+    @torch.no_grad()
+    def _collect_full(self) -> None:
+        """stats="full": one forward pass over ``stats_source()`` (the whole training set) recording every layer's
+        input and output activations with the current weights."""
+        if self.stats_source is None:
+            raise RuntimeError(f"{self.method} with stats='full' needs updater.stats_source: a callable returning an "
+                               "iterable of training input batches (the loop of sparsecore train sets it)")
+        for s in self._stats:
+            s.reset()
+        was = self.model.training
+        self.model.train()  # the hooks record training-mode forwards; no dropout/batch-norm in these MLPs
+        self._collecting = True
+        try:
+            for xb in self.stats_source():
+                self.model(xb)
+        finally:
+            self._collecting = False
+            self.model.train(was)
+
     def _seed(self, i: int, tag: int) -> int:
         return E.derive_seed(self.seed, self.n_updates, i, tag)
 
@@ -507,18 +553,44 @@ class Updater:
         keep, k = self._prune(i, layer, pattern, k)
         if k == 0:
             return {"pruned": 0, "grown": 0, "nnz": nnz}
-        occupied = keep if self.opts["regrow_pruned"] else None
-        if self._random_phase():
+        rp = self.opts["regrow_pruned"]
+        occupied = keep if rp else None
+        revived = 0
+        if self._random_phase() and rp != "keep":
             new_pattern, gather, newpos = E.regrow_random(pattern, keep, k, self._seed(i, E.RANDOM), occupied)
         else:
-            rows, cols = self._grow(i, layer, pattern, keep, occupied, k)
+            if self._random_phase():
+                rows, cols = E.random_absent(pattern, k, self._seed(i, E.RANDOM), occupied)
+            else:
+                rows, cols = self._grow(i, layer, pattern, keep, occupied, k)
             if len(rows) < k:
                 warnings.warn(f"layer {i}: only {len(rows)} of {k} regrowth candidates exist; nnz shrinks",
                               RuntimeWarning, stacklevel=3)
+            if rp == "keep":
+                keep, rows, cols, revived = self._revive(pattern, keep, rows, cols)
             new_pattern, gather, newpos = E.merge(pattern, keep, rows, cols)
         values = self._init_values(i, layer, newpos.numel())
         E.apply_edit(layer, self.optimizer, new_pattern, gather, newpos, values)
-        return {"pruned": k, "grown": newpos.numel(), "nnz": new_pattern.nnz}
+        return {"pruned": k, "grown": newpos.numel() + revived, "revived": revived, "nnz": new_pattern.nnz}
+
+    @staticmethod
+    def _revive(pattern, keep, rows, cols):
+        """regrow_pruned="keep": regrown positions that were pruned in this update become kept entries again (their
+        weight and optimizer state untouched) instead of new ones. Returns (keep, rows, cols, number revived)."""
+        n_cols = pattern.shape[1] // pattern.block_size
+        old = E.entry_positions(pattern)  # CSR order: ascending linear positions
+        new = torch.from_numpy(np.asarray(rows, dtype=np.int64)) * n_cols + torch.from_numpy(np.asarray(cols, np.int64))
+        if old.numel() == 0 or new.numel() == 0:
+            return keep, rows, cols, 0
+        idx = torch.searchsorted(old, new).clamp(max=old.numel() - 1)
+        hit = old[idx] == new
+        n = int(hit.sum())
+        if n == 0:
+            return keep, rows, cols, 0
+        keep = keep.copy()
+        keep[idx[hit].numpy()] = 1
+        stay = (~hit).numpy()
+        return keep, np.ascontiguousarray(rows[stay]), np.ascontiguousarray(cols[stay]), n
 
     def _prune(self, i, layer, pattern, k):
         """(keep mask, number pruned)."""
@@ -542,8 +614,32 @@ class Updater:
         return self.method == "set" or (self.method == "ctre" and self.opts["variant"] == "ctre_seq"
                                         and self.phase == "random")
 
+    def _lowest_kernel_positions(self, pattern, keep, k):
+        """zero_score_first_update: the first k positions not kept in the flat order of the reference's (in, out)
+        kernel, i.e. column by column of our (out, in) layout (TF top_k returns equal scores lowest index first)."""
+        n_rows, n_cols = pattern.shape[0] // pattern.block_size, pattern.shape[1] // pattern.block_size
+        kept = E.entry_positions(pattern, keep)
+        picks = []
+        rows = torch.arange(n_rows, dtype=torch.int64)
+        c, need = 0, k
+        while need > 0 and c < n_cols:
+            pos = rows * n_cols + c
+            free = pos[~torch.isin(pos, kept)][:need]
+            picks.append(free)
+            need -= free.numel()
+            c += 1
+        pos = torch.cat(picks).sort().values if picks else torch.zeros(0, dtype=torch.int64)
+        return (pos // n_cols).numpy().astype(np.int32), (pos % n_cols).numpy().astype(np.int32)
+
     def _grow(self, i, layer, pattern, keep, occupied, k):
         m = self.method
+        if self._zero_scores:
+            if occupied is None:
+                raise ValueError("zero_score_first_update needs regrow_pruned=True or 'keep' (as the reference)")
+            rows, cols = self._lowest_kernel_positions(pattern, keep, k)
+            if self.opts["variant"] == "ctre_sim":
+                rows, cols = self._ctre_sim_replace(i, pattern, keep, rows, cols)
+            return rows, cols
         topk = E.TopKAbsent(pattern, k, self._seed(i, E.GROW), occupied)
         bs, ce = layer.block_size, self.opts["chunk_elems"]
         reduce, gather = self._score_exchange(i, layer)  # data parallelism: scores of every rank's samples

@@ -96,6 +96,11 @@ def add_common_arguments(p: argparse.ArgumentParser) -> None:
                    help="SGD momentum (Nesterov unless --no-nesterov)")
     p.add_argument("--no-nesterov", action="store_true", help="plain momentum instead of Nesterov")
     p.add_argument("--weight-decay", type=_float_range(0.0), default=1e-4, help="L2 weight decay")
+    p.add_argument("--no-bias-decay", action="store_true",
+                   help="weight decay on the weights only, not the biases (CTRE's reference L2)")
+    p.add_argument("--no-shuffle", action="store_true",
+                   help="one fixed training order (the seeded split's) every epoch, as CTRE's reference")
+    p.add_argument("--drop-last", action="store_true", help="drop the last, smaller training batch of each epoch")
     p.add_argument("--seed", type=int, default=0, help="seed of the split, model and data order")
     p.add_argument("--val-fraction", type=_float_range(0.0, 0.99), default=0.1,
                    help="fraction of the training set held out for validation")
@@ -151,7 +156,8 @@ def common_config(a: argparse.Namespace) -> dict:
     """TrainConfig fields of the options of :func:`add_common_arguments` (plus epochs)."""
     return dict(dataset=a.dataset, data_dir=a.data_dir, epochs=a.epochs, hidden=tuple(a.hidden),
                 batch_size=a.batch_size, lr=a.lr, momentum=a.momentum, nesterov=not a.no_nesterov,
-                weight_decay=a.weight_decay, seed=a.seed, val_fraction=a.val_fraction, threads=a.threads,
+                weight_decay=a.weight_decay, decay_biases=not a.no_bias_decay, shuffle=not a.no_shuffle,
+                drop_last=a.drop_last, seed=a.seed, val_fraction=a.val_fraction, threads=a.threads,
                 normalize=a.normalize)
 
 

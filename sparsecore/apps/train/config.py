@@ -34,6 +34,9 @@ class TrainConfig:
     seed: int = 0
     val_fraction: float = 0.1
     normalize: str = "auto"
+    shuffle: bool = True                      # reshuffle the training set every epoch (False: one fixed order)
+    drop_last: bool = False                   # drop the last, smaller training batch of an epoch
+    decay_biases: bool = True                 # False: weight decay on the weights only (CTRE's reference L2)
     epsilon: Optional[float] = None
     density: Optional[float] = None
     model_options: Dict[str, Any] = field(default_factory=dict)
@@ -50,11 +53,15 @@ class TrainConfig:
 
     # the settings that shape the result: a checkpoint must match them to be resumed
     _RESULT_FIELDS = ("method", "dataset", "epochs", "hidden", "batch_size", "lr", "momentum", "nesterov",
-                      "weight_decay", "seed", "val_fraction", "normalize", "epsilon", "density", "model_options", "dst_options",
+                      "weight_decay", "seed", "val_fraction", "normalize", "shuffle", "drop_last", "decay_biases", "epsilon", "density", "model_options", "dst_options",
                       "time_budget")
 
+    # fields added later: left out of the fingerprint at their defaults, so older checkpoints still resume
+    _LATER_DEFAULTS = {"shuffle": True, "drop_last": False, "decay_biases": True}
+
     def fingerprint(self) -> Dict[str, Any]:
-        return json.loads(json.dumps({k: jsonable(getattr(self, k)) for k in self._RESULT_FIELDS}))
+        return json.loads(json.dumps({k: jsonable(getattr(self, k)) for k in self._RESULT_FIELDS
+                                      if not (k in self._LATER_DEFAULTS and getattr(self, k) == self._LATER_DEFAULTS[k])}))
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

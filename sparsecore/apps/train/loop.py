@@ -120,7 +120,18 @@ def make_sgd(params, c: TrainConfig) -> torch.optim.SGD:
     """The run's SGD, fused (one kernel per parameter; a step over a 4.5%-sparse MLP's parameters took 55 us
     against 220 us for the foreach implementation, 1 thread) where this torch and device offer it."""
     kw = dict(lr=c.lr, momentum=c.momentum, nesterov=c.nesterov, weight_decay=c.weight_decay)
-    params = list(params)
+    if isinstance(params, torch.nn.Module):
+        named = list(params.named_parameters())
+        params = [p for _, p in named]
+        if not getattr(c, "decay_biases", True) and c.weight_decay:
+            # L2 on the weights only (CTRE's reference: TF weights_regularizer, none on the biases)
+            is_bias = [n.rsplit(".", 1)[-1] == "bias" for n, _ in named]
+            params = [{"params": [p for p, b in zip(params, is_bias) if not b]},
+                      {"params": [p for p, b in zip(params, is_bias) if b], "weight_decay": 0.0}]
+    else:
+        params = list(params)
+        if not getattr(c, "decay_biases", True):
+            raise TrainError("decay_biases=False needs make_sgd(model, ...) to tell the biases apart")
     try:
         return torch.optim.SGD(params, fused=True, **kw)
     except (RuntimeError, TypeError, ValueError):  # an older torch, or a device without the fused kernel
@@ -225,18 +236,27 @@ def _train(c: TrainConfig, de: Optional[DistEnv]) -> Dict[str, Any]:
     except (ValueError, TypeError) as e:
         raise TrainError(f"method {c.method!r}: {e}") from e
     nnz_initial = model_stats(model)["nnz"]
-    optimizer = make_sgd(model.parameters(), c)
+    optimizer = make_sgd(model, c)
     data_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
     from ..data import batches
 
-    loader = batches(ds.x_train, ds.y_train, c.batch_size, shuffle=True, generator=data_gen,
-                     shard=None if de is None else (de.rank, de.world))
+    loader = batches(ds.x_train, ds.y_train, c.batch_size, shuffle=c.shuffle, generator=data_gen,
+                     drop_last=c.drop_last, shard=None if de is None else (de.rank, de.world))
+    if len(loader) == 0:
+        raise TrainError(f"no training batch: {ds.n_train} training samples with batch_size {c.batch_size} and "
+                         f"drop_last")
     steps_per_epoch = len(loader)
     try:
         updater = make_updater(c.method, model, optimizer, epochs=c.epochs, steps_per_epoch=steps_per_epoch,
                                seed=c.seed, **c.dst_options)
     except (ValueError, TypeError) as e:
         raise TrainError(f"method {c.method!r}: {e}") from e
+    if updater is not None and updater.opts.get("stats") == "full":
+        # CTRE's reference: the scores of an update come from a pass over the whole training set (the batches of an
+        # epoch, without their labels), with the weights being rewired
+        n_use = (ds.n_train // c.batch_size) * c.batch_size if c.drop_last else ds.n_train  # the reference's rows
+        updater.stats_source = lambda: (ds.x_train[i:min(i + c.eval_batch_size, n_use)]
+                                        for i in range(0, n_use, c.eval_batch_size))
 
     state: Dict[str, Any] = {"epoch": 0, "best_val": None, "best_epoch": None, "test_at_best": None,
                              "history": [], "epoch_seconds": [], "eval_seconds": [], "resumed_from": []}
