@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from ...dst import Updater
 from ...nn import SparseLinear
 from ..train.checkpoint import (CHECKPOINT_NAME, check_writable, load_checkpoint, remove_stale_temporaries,
-                                rng_state, save_checkpoint_atomic, set_rng_state, write_text_atomic)
+                                restore_training_state, rng_state, save_checkpoint_atomic, write_text_atomic)
 from ..train.config import TrainError, jsonable
 from ..train.report import machine_info, peak_rss_mb, release_free_memory, reset_peak_rss
 from .data import CharData, load_text
@@ -293,14 +293,7 @@ def train_lm(config: Union[LMConfig, Dict[str, Any]]) -> Dict[str, Any]:
             estimate_total_steps(model, optimizer, data, c) if c.method in ("set", "rigl") else None)
     updater = make_updater(c, model, optimizer, state["total_steps"] or 1)
     if ck is not None:
-        try:
-            model.load_state_dict(ck["model"])
-            optimizer.load_state_dict(ck["optimizer"])
-            if updater is not None:
-                updater.load_state_dict(ck["updater"])
-        except (RuntimeError, KeyError, ValueError) as e:
-            raise TrainError(f"checkpoint {str(ckpt_path)!r} does not fit this model: {e}") from e
-        set_rng_state(ck["rng"], data_gen)
+        restore_training_state(ck, ckpt_path, model, optimizer, updater, data_gen)
         state["resumed_at"].append(state["step"])
         if ck.get("threads") != torch.get_num_threads():
             _say(c, f"note: checkpoint written with {ck.get('threads')} threads, now {torch.get_num_threads()}: "

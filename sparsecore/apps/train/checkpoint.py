@@ -25,7 +25,7 @@ import torch
 
 from .config import TrainError
 
-__all__ = ["CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint_atomic",
+__all__ = ["restore_training_state", "CHECKPOINT_NAME", "CHECKPOINT_FORMAT", "CHECKPOINT_VERSION", "save_checkpoint_atomic",
            "write_text_atomic", "load_checkpoint", "rng_state", "set_rng_state", "check_writable",
            "remove_stale_temporaries", "tensor_digests"]
 
@@ -218,3 +218,17 @@ def set_rng_state(st: Dict[str, Any], data_gen: torch.Generator) -> None:
     np.random.set_state((kind, keys.numpy(), pos, has_gauss, cached))
     random.setstate(st["python"])
     data_gen.set_state(st["data"])
+
+
+def restore_training_state(ck: Dict[str, Any], path: Union[str, Path], model: torch.nn.Module, optimizer,
+                           updater, data_gen: torch.Generator) -> None:
+    """Load a checkpoint's model, optimizer, updater (None: none) and random states; :class:`TrainError` naming
+    ``path`` when they do not fit the model that was built (another shape, nnz or method)."""
+    try:
+        model.load_state_dict(ck["model"])
+        optimizer.load_state_dict(ck["optimizer"])
+        if updater is not None:
+            updater.load_state_dict(ck["updater"])
+    except (RuntimeError, KeyError, ValueError) as e:
+        raise TrainError(f"checkpoint {str(path)!r} does not fit this model: {e}") from e
+    set_rng_state(ck["rng"], data_gen)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from ..models import build_model, make_updater, model_stats
 from .checkpoint import (CHECKPOINT_FORMAT, CHECKPOINT_NAME, CHECKPOINT_VERSION, check_writable, load_checkpoint,
-                         remove_stale_temporaries, rng_state, save_checkpoint_atomic, set_rng_state,
+                         remove_stale_temporaries, restore_training_state, rng_state, save_checkpoint_atomic,
                          write_text_atomic)
 from .config import TrainConfig, TrainError, check_config, jsonable
 from .dist import DistEnv, DistributedError, setup as setup_distributed
@@ -269,14 +269,7 @@ def _train(c: TrainConfig, de: Optional[DistEnv]) -> Dict[str, Any]:
                               if ck["fingerprint"].get(k) != c.fingerprint().get(k))
                 raise TrainError(f"checkpoint {str(ckpt_path)!r} was written with different settings "
                                  f"({', '.join(diff)}): resume with the same ones, or start a new run without --resume")
-            try:
-                model.load_state_dict(ck["model"])
-                optimizer.load_state_dict(ck["optimizer"])
-                if updater is not None:
-                    updater.load_state_dict(ck["updater"])
-            except (RuntimeError, KeyError, ValueError) as e:
-                raise TrainError(f"checkpoint {str(ckpt_path)!r} does not fit this model: {e}") from e
-            set_rng_state(ck["rng"], data_gen)
+            restore_training_state(ck, ckpt_path, model, optimizer, updater, data_gen)
             if de is not None or ck.get("world_size", 1) > 1:
                 _load_rank_local(updater, ck, de, progress)
             state = ck["state"]
