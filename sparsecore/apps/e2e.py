@@ -212,16 +212,27 @@ def format_table(rows: Sequence[Dict[str, Any]], equal_time: bool = False) -> st
     return _table(head, lines)
 
 
-def plot(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optional[str]:
-    """Accuracy and speed-up against density (one point per method), and test accuracy against cumulative
-    training time (one curve per method), to ``path`` (PNG). Returns a note instead of drawing when matplotlib
-    is missing."""
+NO_MATPLOTLIB = "matplotlib is not installed: no plot (pip install matplotlib)"
+
+
+def _pyplot():
+    """matplotlib.pyplot on the file-only Agg backend, or None when matplotlib is not installed (plots are optional)."""
     try:
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return "matplotlib is not installed: no plot (pip install matplotlib)"
+        return None
+    return plt
+
+
+def plot(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optional[str]:
+    """Accuracy and speed-up against density (one point per method), and test accuracy against cumulative
+    training time (one curve per method), to ``path`` (PNG). Returns a note instead of drawing when matplotlib
+    is missing."""
+    plt = _pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for k, r in enumerate(rows):
         d = max(r["density"], 1e-6)
@@ -476,12 +487,9 @@ def format_summary(rows: Sequence[Dict[str, Any]]) -> str:
 
 def plot_curves(rows: Sequence[Dict[str, Any]], path: Path, title: str = "") -> Optional[str]:
     """Mean validation and test accuracy per epoch (band: +- one std over the seeds), one curve per row."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return "matplotlib is not installed: no plot (pip install matplotlib)"
+    plt = _pyplot()
+    if plt is None:
+        return NO_MATPLOTLIB
     fig, axes = plt.subplots(1, 2, figsize=(12, 4.2))
     for k, r in enumerate(rows):
         for ax, key in zip(axes, ("val_accuracy", "test_accuracy")):
