@@ -1,6 +1,6 @@
 // Block-sparse (BSR) CPU kernels: forward, dX through the transpose index, dW per stored block.
-// The math lives in bsr_impl.h (compiled per ISA, like the CSR kernels, but with no AVX-512 copy: on an AVX-512
-// CPU the BSR kernels run their AVX2 copy); this file dispatches and binds.
+// The math lives in bsr_impl.h, compiled per ISA like the CSR kernels (portable, AVX2+FMA, AVX-512); this file
+// dispatches and binds.
 #include <algorithm>
 #include <cstdlib>
 #include <type_traits>
@@ -34,14 +34,30 @@
 #undef SC_ISA
 #undef SC_VBYTES
 #pragma GCC pop_options
+// AVX-512: 16 fp32 batch rows per vector and 32 registers, so 8 output rows share each loaded tile vector
+// (bsr_impl.h, BSR_ROWS). Paired against the AVX2 copy on a 2-core Xeon (AVX-512, 2 MiB L2 per core), 4096x4096,
+// blocks of 32, batch 256, 10% density: see BSR_NV below and docs/BENCHMARKS.md.
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
+#define SC_ISA avx512
+#define SC_VBYTES 64
+#include "kernels_impl.h"
+#include "bsr_impl.h"
+#undef SC_ISA
+#undef SC_VBYTES
+#pragma GCC pop_options
 #endif
 
 namespace sc {
 
 std::vector<int64_t> balanced_split(const int32_t* rp, int64_t n, int nt);  // kernels.cpp
 
-// The copy of the BSR kernels that runs: AVX2 on any CPU that has it (there is no AVX-512 copy).
-static int bsr_isa() { return cpu_has_avx2() ? int(ISA_AVX2) : int(ISA_GENERIC); }
+// The copy of the BSR kernels that runs: the widest the CPU supports under the cap (AVX512-BF16 runs the AVX-512
+// copy: the BSR kernels have no BF16-instruction variant).
+static int bsr_isa() {
+  const int isa = kernel_isa();
+  return isa >= ISA_AVX512 ? int(ISA_AVX512) : isa;
+}
 
 // Shared driver of the forward (perm == nullptr) and dX (perm given) BSR SpMM. A: the arrays' element type as
 // Python hands them over (float, double, or int16 for bf16 words); the kernels store E and compute in S.
@@ -60,9 +76,9 @@ static void bsr_spmm_run(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<
   require(Y.shape(0) == B && Y.shape(1) == n_brows * bs, std::string(name) + ": output has the wrong shape");
   require(numel(idx) == values.shape(0), std::string(name) + ": index and values disagree on nnz");
   const int nt = threads_for_work(nthreads, values.shape(0) * int64_t(bs) * bs * B);
-  const bool use_avx2 = cpu_has_avx2();
-  const int L = (use_avx2 ? 32 : 16) / int(sizeof(S));
-  const int NV = B <= L ? 1 : 2;  // T = 16 fp32 rows: the tile stays in L2 (see kernels.cpp)
+  const int isa = bsr_isa();
+  const int L = isa_vector_bytes(isa) / int(sizeof(S));
+  const int NV = B <= L ? 1 : 2;  // AVX2: T = 16 fp32 rows, AVX-512: 32 (a 4096-wide tile is 512 KiB, in L2)
   const int32_t* rp = rowptr.data();
   const int32_t* ix = idx.data();
   const E* xp = reinterpret_cast<const E*>(X.data());
@@ -95,7 +111,9 @@ static void bsr_spmm_run(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<
       NS::bsr_spmm<S, E, E, N>(xp, B, n_in, rp, ix, perm, vp, bs, n_brows, bias, yp, split.data(), nt, buf, acc); \
   } while (0)
 #ifdef SC_HAVE_AVX2
-  if (use_avx2) {
+  if (isa == ISA_AVX512) {
+    if (NV == 1) SC_BSR_CALL(avx512, 1); else SC_BSR_CALL(avx512, 2);
+  } else if (isa == ISA_AVX2) {
     if (NV == 1) SC_BSR_CALL(avx2, 1); else SC_BSR_CALL(avx2, 2);
   } else
 #endif
@@ -155,7 +173,9 @@ void bsr_sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr,
   S* ybuf = scratch<S>(0, int64_t(nt) * B * bs);
   S* xbuf = scratch<S>(1, int64_t(nt) * B * bs);
 #ifdef SC_HAVE_AVX2
-  if (cpu_has_avx2())
+  if (bsr_isa() == ISA_AVX512)
+    avx512::bsr_sddmm<S, E>(yp, xp, B, n_out, n_in, rp, ci, bs, dv, split.data(), nt, ybuf, xbuf);
+  else if (bsr_isa() == ISA_AVX2)
     avx2::bsr_sddmm<S, E>(yp, xp, B, n_out, n_in, rp, ci, bs, dv, split.data(), nt, ybuf, xbuf);
   else
 #endif

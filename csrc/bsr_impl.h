@@ -9,37 +9,40 @@
 
 namespace SC_ISA {
 
-// One block row of Yt (bs x T, row-major, in `acc`) += M * Xt[in0 : in0+bs], with M(r, c) = m[r*rs + c*cs]:
-// rs = bs, cs = 1 for W's block (forward); rs = 1, cs = bs for its transpose (dX).
-template <class S, class E, int NV>
-inline void block_madd(const E* m, int64_t rs, int64_t cs, int bs, const S* xt, S* acc) {
+// Output rows per register block: each loaded tile vector feeds this many rows' FMAs. AVX-512 has 32 vector
+// registers, room for 8 rows x 2 vectors of accumulators (16) next to the tile vectors; AVX2 and SSE have 16.
+constexpr int BSR_ROWS = SC_VBYTES >= 64 ? 8 : 4;
+
+// Rows [r, r + R) of one block row of Yt (bs x T, row-major, in `acc`) += M[r : r+R, :] * Xt[in0 : in0+bs].
+template <class S, class E, int NV, int R>
+inline void block_rows_madd(const E* m, int64_t rs, int64_t cs, int bs, const S* xt, S* acc, int r) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
+  V<S> a[R][NV];
+  for (int u = 0; u < R; ++u)
+    for (int v = 0; v < NV; ++v) a[u][v] = vload<S>(acc + (r + u) * T + v * L);
+  for (int c = 0; c < bs; ++c) {
+    V<S> x[NV];
+    for (int v = 0; v < NV; ++v) x[v] = vload<S>(xt + c * T + v * L);
+    for (int u = 0; u < R; ++u) {
+      const V<S> w = vsplat_as<S>(m + (r + u) * rs + c * cs);
+      for (int v = 0; v < NV; ++v) a[u][v] += w * x[v];
+    }
+  }
+  for (int u = 0; u < R; ++u)
+    for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + (r + u) * T + v * L, &a[u][v], sizeof(V<S>));
+}
+
+// One block row of Yt (bs x T, row-major, in `acc`) += M * Xt[in0 : in0+bs], with M(r, c) = m[r*rs + c*cs]:
+// rs = bs, cs = 1 for W's block (forward); rs = 1, cs = bs for its transpose (dX). Rows go in register blocks of
+// BSR_ROWS, then 4, then one at a time.
+template <class S, class E, int NV>
+inline void block_madd(const E* m, int64_t rs, int64_t cs, int bs, const S* xt, S* acc) {
   int r = 0;
-  for (; r + 4 <= bs; r += 4) {
-    V<S> a[4][NV];
-    for (int u = 0; u < 4; ++u)
-      for (int v = 0; v < NV; ++v) a[u][v] = vload<S>(acc + (r + u) * T + v * L);
-    for (int c = 0; c < bs; ++c) {
-      V<S> x[NV];
-      for (int v = 0; v < NV; ++v) x[v] = vload<S>(xt + c * T + v * L);
-      for (int u = 0; u < 4; ++u) {
-        const V<S> w = vsplat_as<S>(m + (r + u) * rs + c * cs);
-        for (int v = 0; v < NV; ++v) a[u][v] += w * x[v];
-      }
-    }
-    for (int u = 0; u < 4; ++u)
-      for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + (r + u) * T + v * L, &a[u][v], sizeof(V<S>));
-  }
-  for (; r < bs; ++r) {
-    V<S> a[NV];
-    for (int v = 0; v < NV; ++v) a[v] = vload<S>(acc + r * T + v * L);
-    for (int c = 0; c < bs; ++c) {
-      const V<S> w = vsplat_as<S>(m + r * rs + c * cs);
-      for (int v = 0; v < NV; ++v) a[v] += w * vload<S>(xt + c * T + v * L);
-    }
-    for (int v = 0; v < NV; ++v) __builtin_memcpy(acc + r * T + v * L, &a[v], sizeof(V<S>));
-  }
+  for (; r + BSR_ROWS <= bs; r += BSR_ROWS) block_rows_madd<S, E, NV, BSR_ROWS>(m, rs, cs, bs, xt, acc, r);
+  if constexpr (BSR_ROWS > 4)
+    for (; r + 4 <= bs; r += 4) block_rows_madd<S, E, NV, 4>(m, rs, cs, bs, xt, acc, r);
+  for (; r < bs; ++r) block_rows_madd<S, E, NV, 1>(m, rs, cs, bs, xt, acc, r);
 }
 
 // Y (B, n_brows*bs) = X (B, n_bcols*bs) M^T (+ bias) over a block-row structure (rp, idx). With `transposed`
@@ -100,13 +103,37 @@ inline void copy_as(S* dst, const E* src, int n) {
   }
 }
 
+// Rows [a, a + na) (na <= R) of one dW block: d[a+u][b] = sum_t yl[t][a+u] xl[t][b], over the block's columns in
+// chunks of NV vectors (bs a multiple of NV * L). R rows x NV vectors of accumulators: each loaded X vector feeds
+// R FMAs; the rows past na repeat the last valid row (no branch in the loop) and are not stored.
+template <class S, class E, int R, int NV>
+inline void block_dw_rows(const S* yl, const S* xl, int64_t B, int bs, int a, int na, E* d) {
+  constexpr int L = lanes<S>();
+  for (int b = 0; b < bs; b += NV * L) {
+    V<S> acc[R][NV];
+    for (int u = 0; u < R; ++u)
+      for (int v = 0; v < NV; ++v) acc[u][v] = V<S>{};
+    for (int64_t t = 0; t < B; ++t) {
+      V<S> x[NV];
+      for (int v = 0; v < NV; ++v) x[v] = vload<S>(xl + t * bs + b + v * L);
+      for (int u = 0; u < R; ++u) {
+        const V<S> y = vsplat<S>(yl[t * bs + a + (u < na ? u : na - 1)]);
+        for (int v = 0; v < NV; ++v) acc[u][v] += y * x[v];
+      }
+    }
+    for (int u = 0; u < na; ++u)
+      for (int v = 0; v < NV; ++v) vstore_as<S>(d + (a + u) * bs + b + v * L, acc[u][v]);
+  }
+}
+
 // dY, X and dval stored as E (the slices are widened into the S buffers; each dW value is rounded once).
 template <class S, class E>
 void bsr_sddmm(const E* dY, const E* X, int64_t B, int64_t n_out, int64_t n_in, const int32_t* rp,
                const int32_t* col, int bs, E* dval, const int64_t* split, int nt, S* ybuf_all, S* xbuf_all) {
   constexpr int L = lanes<S>();
   const int64_t bsq = int64_t(bs) * bs;
-  const bool vec = bs % (2 * L) == 0;
+  // Vector paths where a block row is a whole number of vector pairs (vec2) or vectors (vec1).
+  const bool vec2 = bs % (2 * L) == 0, vec1 = bs % L == 0;
 #pragma omp parallel for num_threads(nt) schedule(static, 1)
   for (int p = 0; p < nt; ++p) {
     const int tid = sc::thread_id();
@@ -118,7 +145,7 @@ void bsr_sddmm(const E* dY, const E* X, int64_t B, int64_t n_out, int64_t n_in, 
       for (int64_t k = rp[br]; k < rp[br + 1]; ++k) {
         for (int64_t t = 0; t < B; ++t) copy_as<S>(xl + t * bs, X + t * n_in + int64_t(col[k]) * bs, bs);
         E* d = dval + k * bsq;
-        if (!vec) {
+        if (!vec1) {
           for (int a = 0; a < bs; ++a)
             for (int b = 0; b < bs; ++b) {
               S s = 0;
@@ -127,24 +154,14 @@ void bsr_sddmm(const E* dY, const E* X, int64_t B, int64_t n_out, int64_t n_in, 
             }
           continue;
         }
-        for (int a = 0; a < bs; a += 4) {
-          const int na = bs - a < 4 ? bs - a : 4;
-          for (int b = 0; b < bs; b += 2 * L) {
-            V<S> acc[4][2];
-            for (int u = 0; u < 4; ++u) acc[u][0] = acc[u][1] = V<S>{};
-            for (int64_t t = 0; t < B; ++t) {
-              const V<S> x0 = vload<S>(xl + t * bs + b), x1 = vload<S>(xl + t * bs + b + L);
-              for (int u = 0; u < na; ++u) {
-                const V<S> y = vsplat<S>(yl[t * bs + a + u]);
-                acc[u][0] += y * x0;
-                acc[u][1] += y * x1;
-              }
-            }
-            for (int u = 0; u < na; ++u) {
-              vstore_as<S>(d + (a + u) * bs + b, acc[u][0]);
-              vstore_as<S>(d + (a + u) * bs + b + L, acc[u][1]);
-            }
-          }
+        if (vec2) {
+          int a = 0;
+          for (; a + BSR_ROWS <= bs; a += BSR_ROWS) block_dw_rows<S, E, BSR_ROWS, 2>(yl, xl, B, bs, a, BSR_ROWS, d);
+          for (; a < bs; a += 4) block_dw_rows<S, E, 4, 2>(yl, xl, B, bs, a, bs - a < 4 ? bs - a : 4, d);
+        } else {
+          int a = 0;
+          for (; a + BSR_ROWS <= bs; a += BSR_ROWS) block_dw_rows<S, E, BSR_ROWS, 1>(yl, xl, B, bs, a, BSR_ROWS, d);
+          for (; a < bs; a += 4) block_dw_rows<S, E, 4, 1>(yl, xl, B, bs, a, bs - a < 4 ? bs - a : 4, d);
         }
       }
     }

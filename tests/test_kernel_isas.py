@@ -69,9 +69,11 @@ def test_values_gather_pass_per_isa(isa, dtype, gen):
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("bs,batch", [(16, 37), (3, 70), (4, 9)])
+@pytest.mark.parametrize("bs,batch", [(16, 37), (3, 70), (4, 9), (32, 40), (64, 17), (8, 33), (12, 5)])
 def test_bsr_kernels_per_isa(isa, threads, dtype, bs, batch, gen):
-    """The BSR kernels stop at AVX2: under the AVX-512 cap they run their AVX2 copy."""
+    """Block sizes that are a whole number of vector pairs (the dW kernel's two-vector path), of vectors (its
+    one-vector path) or neither (scalar dW), per copy: at 16 fp32 lanes, 32 and 64 take the pair path, 16 the
+    single one; 12 rows make a register block of 8 plus one of 4 under AVX-512."""
     bm = torch.rand(6, 5, generator=gen) < 0.5
     bm[1] = False
     bm[0, 0] = True

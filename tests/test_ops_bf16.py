@@ -208,10 +208,11 @@ def test_non_contiguous_inputs(gen):
 
 # ------------------------------------------------------------------------------------------ BSR
 @pytest.mark.parametrize("bs,out_f,in_f,batch", [(16, 48, 32, 5), (32, 64, 96, 37), (4, 12, 20, 131),
-                                                 (3, 9, 6, 17), (12, 24, 36, 33), (2, 6, 10, 1)])
+                                                 (3, 9, 6, 17), (12, 24, 36, 33), (2, 6, 10, 1), (64, 128, 192, 40),
+                                                 (8, 40, 24, 20)])
 def test_bsr_step(isa, threads, bs, out_f, in_f, batch, gen):
-    """Block sizes that are multiples of the vector widths and ones that are not; the BSR kernels have no AVX-512
-    copy (their AVX2 copy runs under the avx512 caps)."""
+    """Block sizes that are multiples of the vector widths (and of two: the dW kernel's paired vectors) and ones
+    that are not, at batches that fill no whole tile, or several."""
     p, w = bsr_case(out_f, in_f, bs, 0.5, gen)
     check_bf16_step(p, w, batch, gen)
 
@@ -337,13 +338,13 @@ def test_avx512bf16_path_runs_where_the_cpu_has_it(gen):
 
 def test_each_cap_runs_its_copy(isa, gen):
     """Under each cap every bf16 kernel reports the copy it ran: the SpMMs stop at AVX-512 (no BF16 instruction
-    pays there), the BSR kernels at AVX2, the CSR SDDMM uses AVX512-BF16 under its cap."""
+    pays there), and so do the BSR kernels; the CSR SDDMM uses AVX512-BF16 under its cap."""
     check_bf16_step(*csr_case(20, 24, 0.4, gen), 40, gen)
     check_bf16_step(*bsr_case(16, 24, 4, 0.5, gen), 40, gen)
     capped = lambda top: ISAS[min(ISAS.index(isa), ISAS.index(top))]
     assert _C._bf16_copies_run() == {"spmm": capped("avx512"), "spmm_t": capped("avx512"), "sddmm": isa,
-                                     "bsr_spmm": capped("avx2"), "bsr_spmm_t": capped("avx2"),
-                                     "bsr_sddmm": capped("avx2")}
+                                     "bsr_spmm": capped("avx512"), "bsr_spmm_t": capped("avx512"),
+                                     "bsr_sddmm": capped("avx512")}
 
 
 # ------------------------------------------------------------------------------------------ layer and ops
