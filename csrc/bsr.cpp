@@ -2,6 +2,7 @@
 // The math lives in bsr_impl.h, compiled per ISA like the CSR kernels (portable, AVX2+FMA, AVX-512); this file
 // dispatches and binds.
 #include <algorithm>
+#include <atomic>
 #include <cstdlib>
 #include <type_traits>
 #include <utility>
@@ -88,7 +89,7 @@ static void bsr_spmm_run(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<
   if (is_bf16<E>()) g_bf16_ran[perm ? BF16_BSR_SPMM_T : BF16_BSR_SPMM] = bsr_isa();
   if (B == 0) return;
   const std::vector<int64_t> split = balanced_split(rp, n_brows, nt);
-  S* buf = scratch<S>(0, 2 * n_in * NV * L);
+  S* buf = scratch<S>(0, std::max(2, nt) * n_in * NV * L);
   S* acc = scratch<S>(1, int64_t(nt) * bs * NV * L);
   // bf16 values are widened to fp32 once (scratch slot 2), not at every broadcast of every batch tile: a weight
   // feeds only NV FMAs per broadcast here, so a bf16 broadcast's two extra uops are not hidden. 4096x4096, blocks
@@ -156,6 +157,7 @@ void bsr_sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr,
   const int64_t B = X.shape(0), n_in = X.shape(1), n_out = dY.shape(1);
   require(dY.shape(0) == B && n_out == (numel(rowptr) - 1) * bs, "bsr_sddmm: dY has the wrong shape");
   require(numel(col) == dval.shape(0), "bsr_sddmm: out must have nnzb blocks");
+  require(bs > 0 && n_in % bs == 0, "bsr_sddmm: input width must be a multiple of the block size");
   const int nt = threads_for_work(nthreads, numel(col) * int64_t(bs) * bs * B);
   const int32_t* rp = rowptr.data();
   const int32_t* ci = col.data();
@@ -170,16 +172,22 @@ void bsr_sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr,
     std::fill(dv, dv + numel(dval), sc::from_compute<E>(S(0)));
     return;
   }
+  if (numel(col) == 0) return;
   S* ybuf = scratch<S>(0, int64_t(nt) * B * bs);
-  S* xbuf = scratch<S>(1, int64_t(nt) * B * bs);
+  S* xpanels = scratch<S>(1, B * n_in);
+  const int isa = bsr_isa();
+#define SC_BSR_DW(NS)                                                                              \
+  do {                                                                                             \
+    NS::bsr_panels<S, E>(xp, B, n_in, bs, xpanels, nt);                                           \
+    NS::bsr_sddmm<S, E>(yp, xpanels, B, n_out, rp, ci, bs, dv, split.data(), nt, ybuf);           \
+  } while (0)
 #ifdef SC_HAVE_AVX2
-  if (bsr_isa() == ISA_AVX512)
-    avx512::bsr_sddmm<S, E>(yp, xp, B, n_out, n_in, rp, ci, bs, dv, split.data(), nt, ybuf, xbuf);
-  else if (bsr_isa() == ISA_AVX2)
-    avx2::bsr_sddmm<S, E>(yp, xp, B, n_out, n_in, rp, ci, bs, dv, split.data(), nt, ybuf, xbuf);
+  if (isa == ISA_AVX512) SC_BSR_DW(avx512);
+  else if (isa == ISA_AVX2) SC_BSR_DW(avx2);
   else
 #endif
-    generic::bsr_sddmm<S, E>(yp, xp, B, n_out, n_in, rp, ci, bs, dv, split.data(), nt, ybuf, xbuf);
+    SC_BSR_DW(generic);
+#undef SC_BSR_DW
 }
 
 void bind_bsr(py::module_& m) {
