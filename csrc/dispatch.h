@@ -6,8 +6,8 @@
 
 namespace sc {
 
-// Instruction sets the kernels are compiled for, in increasing order. The CSR kernels have the first three copies;
-// the BSR kernels stop at AVX2. ISA_AVX512BF16 is AVX-512 plus AVX512-BF16: the fp32/fp64 kernels run their
+// Instruction sets the kernels are compiled for, in increasing order. The CSR and BSR kernels have the first three
+// copies. ISA_AVX512BF16 is AVX-512 plus AVX512-BF16: the fp32/fp64 kernels run their
 // AVX-512 copy there, and the bf16 kernels use the BF16 instructions where they pay (csrc/kernels.cpp). Capping
 // at avx512 on such a CPU runs the bf16 kernels' other copies instead.
 enum Isa : int { ISA_GENERIC = 0, ISA_AVX2 = 1, ISA_AVX512 = 2, ISA_AVX512BF16 = 3 };

@@ -68,6 +68,21 @@ def test_values_gather_pass_per_isa(isa, dtype, gen):
 
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("block_bytes", [1, 3000, 200_000])
+def test_values_gather_by_row_blocks(isa, threads, block_bytes, gen):
+    """Above 12 MiB of values the gather runs in row blocks (each thread a range of columns, with a cursor per
+    column); forced here on a small layer, with blocks of one row, of a few rows and of a third of the rows, and
+    rows and columns left empty."""
+    mask = random_mask(301, 257, 0.5, gen, empty_rows=[0, 150, 151, 300], empty_cols=[0, 99, 256])
+    w = torch.randn(*mask.shape, generator=gen, dtype=torch.float64) * mask
+    _C._set_gather_blocks(0, block_bytes)
+    try:
+        check_step_vs_reference(Pattern.from_mask(mask), w, 19, gen)
+    finally:
+        _C._set_gather_blocks(-1, -1)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("bs,batch", [(16, 37), (3, 70), (4, 9), (32, 40), (64, 17), (8, 33), (12, 5)])
 def test_bsr_kernels_per_isa(isa, threads, dtype, bs, batch, gen):
