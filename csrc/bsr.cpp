@@ -36,8 +36,8 @@
 #undef SC_VBYTES
 #pragma GCC pop_options
 // AVX-512: 16 fp32 batch rows per vector and 32 registers, so 8 output rows share each loaded tile vector
-// (bsr_impl.h, BSR_ROWS). Paired against the AVX2 copy on a 2-core Xeon (AVX-512, 2 MiB L2 per core), 4096x4096,
-// blocks of 32, batch 256, 10% density: see BSR_NV below and docs/BENCHMARKS.md.
+// (bsr_impl.h, BSR_ROWS). Against the AVX2 copy on a 2-core Xeon (2 MiB L2 per core), 4096x4096, blocks of 32,
+// batch 256, 10% density, 2 threads: forward 7.98 -> 5.58 ms, dX 8.67 -> 5.78, dW 7.69 -> 4.68 (docs/BENCHMARKS.md).
 #pragma GCC push_options
 #pragma GCC target("avx512f,avx512vl,avx512dq,avx512bw,avx2,fma")
 #define SC_ISA avx512
@@ -52,6 +52,7 @@
 namespace sc {
 
 std::vector<int64_t> balanced_split(const int32_t* rp, int64_t n, int nt);  // kernels.cpp
+int64_t l2_bytes_per_core();                                                 // kernels.cpp
 
 // The copy of the BSR kernels that runs: the widest the CPU supports under the cap (AVX512-BF16 runs the AVX-512
 // copy: the BSR kernels have no BF16-instruction variant).
@@ -79,7 +80,10 @@ static void bsr_spmm_run(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<
   const int nt = threads_for_work(nthreads, values.shape(0) * int64_t(bs) * bs * B);
   const int isa = bsr_isa();
   const int L = isa_vector_bytes(isa) / int(sizeof(S));
-  const int NV = B <= L ? 1 : 2;  // AVX2: T = 16 fp32 rows, AVX-512: 32 (a 4096-wide tile is 512 KiB, in L2)
+  // Two vectors per tile row (AVX2: T = 16 fp32 rows, AVX-512: 32) while the tile fits half of one core's L2, as
+  // for the CSR SpMMs (kernels.cpp); one otherwise (a batch within one vector, or a wide layer on a small L2).
+  const bool two = B > L && n_in * 2 * L * int64_t(sizeof(S)) <= l2_bytes_per_core() / 2;
+  const int NV = two ? 2 : 1;
   const int32_t* rp = rowptr.data();
   const int32_t* ix = idx.data();
   const E* xp = reinterpret_cast<const E*>(X.data());

@@ -88,7 +88,7 @@ static int g_sddmm_tiles = 0;   // tuning hook: SDDMM tile buffers, 0 = automati
 // L2), 10% density, 256 KiB blocks ~8% faster than the whole 1 MiB tile; on a 2-core Zen 4 (1 MiB L2, AVX-512
 // 512 KiB tiles), one 512 KiB block against two of 256 KiB: 0.94x, 1.00x, 0.99x at 10% density, 0.97x at 5%
 // (paired, 30-40 rounds each).
-static int64_t l2_bytes_per_core() {
+int64_t l2_bytes_per_core() {
 #if defined(_SC_LEVEL2_CACHE_SIZE)
   const long b = sysconf(_SC_LEVEL2_CACHE_SIZE);
   if (b >= (64 << 10) && b <= (64 << 20)) return b;
