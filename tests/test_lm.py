@@ -280,3 +280,67 @@ def test_bench_lm_compare_tiny(text_file, tmp_path):
     assert {"dense", "static@0.5", "set@0.5"} <= set(r["reports"])
     assert all(row["val_equal_steps"] is not None for row in r["rows"])
     assert all(len(rep["sample"]) == 10 for rep in r["reports"].values())
+
+
+# ------------------------------------------------------------------------------------------------ BSR projections
+@pytest.mark.parametrize("method", ["static", "set", "rigl"])
+def test_block_sparse_projections_train_rewire_and_resume(method, text_file, tmp_path, threads1):
+    """--block-size 8: every projection is BSR with blocks of 8 x 8 (density counted in blocks), SET/RigL prune and
+    regrow whole blocks, and a resumed run repeats the uninterrupted one exactly."""
+    common = ["--method", method, "--density", "0.25", "--block-size", "8", "--steps", "6", "--eval-every", "3",
+              "--update-every", "2"]
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    assert run(text_file, *common, "--json", str(a)) == 0
+    ra = json.loads(a.read_text())
+    assert ra["block_size"] == 8 and ra["config"]["block_size"] == 8
+    assert abs(ra["nnz"] - 0.25 * ra["dense_params"]) <= 12 * 64  # rounding: one block per projection
+    assert ra["nnz"] % 64 == 0
+    if method == "static":
+        assert ra["topology_updates"] == 0 and ra["rewired_fraction"] == 0
+    else:
+        assert ra["topology_updates"] == 2 and 0 < ra["rewired_fraction"] < 1
+    ck = tmp_path / "ck"
+    assert run(text_file, *common, "--checkpoint", str(ck), "--stop-after", "3") == 0
+    assert run(text_file, *common, "--checkpoint", str(ck), "--resume", "--json", str(b)) == 0
+    rb = json.loads(b.read_text())
+    assert [(h["step"], h["train_loss"], h["val_loss"]) for h in ra["history"]] == \
+           [(h["step"], h["train_loss"], h["val_loss"]) for h in rb["history"]]
+    assert ra["rewired_fraction"] == rb["rewired_fraction"]
+
+
+def test_block_sparse_model_has_bsr_layers_and_matches_dense_at_density_one():
+    torch.manual_seed(0)
+    sparse = GPT(13, 16, 2, 32, 4, densities=[1.0] * 12, block_size=16).double()
+    assert all(p.block_size == 16 and p.nnz == p.in_features * p.out_features for p in sparse.projections())
+    dense = GPT(13, 16, 2, 32, 4).double()
+    with torch.no_grad():
+        for s, d in zip(sparse.projections(), dense.projections()):
+            lin = s.to_dense()
+            d.weight.copy_(lin.weight)
+            d.bias.copy_(lin.bias)
+        for name in ("tok", "pos", "ln_f", "head"):
+            getattr(dense, name).load_state_dict(getattr(sparse, name).state_dict())
+        for bs, bd in zip(sparse.blocks, dense.blocks):
+            bd.ln1.load_state_dict(bs.ln1.state_dict())
+            bd.ln2.load_state_dict(bs.ln2.state_dict())
+    x = torch.randint(0, 13, (2, 16))
+    torch.testing.assert_close(sparse(x), dense(x), rtol=1e-12, atol=1e-12)
+    half = GPT(13, 16, 2, 32, 4, densities=[0.5] * 12, block_size=16)
+    assert all(p.nnz == 2 * 256 for p in half.projections() if p.out_features == p.in_features)  # 2 of 4 blocks
+
+
+def test_block_size_errors(text_file, tmp_path, capsys):
+    for args, match in ((["--method", "dense", "--block-size", "4"], "--block-size is for the sparse methods"),
+                        (["--method", "set", "--block-size", "5"], "must be a multiple of --block-size 5"),
+                        (["--method", "set", "--block-size", "0"], "--block-size")):
+        rc = main(["--data", str(text_file), *TINY, "--steps", "1", *args])
+        err = capsys.readouterr().err
+        assert rc == 2 and match in err and "Traceback" not in err and len(err.strip().splitlines()) == 1, (args, err)
+
+
+def test_resume_with_another_block_size_is_refused(text_file, tmp_path, threads1, capsys):
+    ck = tmp_path / "ck"
+    assert run(text_file, "--method", "static", "--block-size", "8", "--steps", "2", "--checkpoint", str(ck)) == 0
+    rc = run(text_file, "--method", "static", "--steps", "2", "--checkpoint", str(ck), "--resume")
+    err = capsys.readouterr().err
+    assert rc == 2 and "different settings (block_size)" in err

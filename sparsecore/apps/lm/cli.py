@@ -29,6 +29,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overall density of the block projections (sparse methods; default 0.1)")
     p.add_argument("--distribution", choices=("uniform", "erk"), default="uniform",
                    help="per-projection densities: the same everywhere, or ERK")
+    p.add_argument("--block-size", type=_int_at_least(1), default=1,
+                   help="sparse methods: 1 for single connections (CSR); B > 1 for B x B blocks (BSR; d_model a "
+                        "multiple of B), pruned and regrown as whole blocks")
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--steps", type=_int_at_least(1), default=None, help="training steps")
     g.add_argument("--time-budget", type=_float_range(0.0, lo_open=True), default=None, metavar="SECONDS",

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from ...attention import SparseMultiheadAttention
 from ...nn import SparseLinear
-from ...topology import erk_densities, uniform
+from ...topology import erk_densities, random_blocks, uniform
 
 __all__ = ["GPT", "projection_shapes", "layer_densities", "PROJECTIONS"]
 
@@ -102,18 +102,29 @@ class Block(nn.Module):
         return x + self.proj(F.gelu(self.fc(self.ln2(x))))
 
 
+def _pattern(out: int, in_: int, density: float, block_size: int, generator):
+    """A projection's random pattern: CSR connections, or BSR blocks (density counted in blocks)."""
+    if block_size == 1:
+        return uniform(out, in_, density, generator=generator)
+    return random_blocks(out, in_, density, block_size, generator=generator)
+
+
 class GPT(nn.Module):
     """Character-level GPT. ``densities``: None for the dense model, else one density per projection
-    (:func:`layer_densities`), the patterns drawn uniformly at random from ``generator``.
+    (:func:`layer_densities`), the patterns drawn uniformly at random from ``generator``: single connections, or
+    with ``block_size > 1`` whole ``block_size x block_size`` blocks (BSR; ``d_model`` a multiple of it).
 
     ``forward(idx)``: int64 ``(B, T)``, ``T <= context`` -> logits ``(B, T, vocab_size)``.
     """
 
     def __init__(self, vocab_size: int, context: int, layers: int, d_model: int, heads: int,
-                 densities: Optional[Sequence[float]] = None, generator: Optional[torch.Generator] = None):
+                 densities: Optional[Sequence[float]] = None, generator: Optional[torch.Generator] = None,
+                 block_size: int = 1):
         super().__init__()
         if d_model % heads:
             raise ValueError(f"d_model {d_model} must be divisible by heads {heads}")
+        if block_size < 1 or d_model % block_size:
+            raise ValueError(f"d_model {d_model} must be a multiple of block_size {block_size}")
         self.context = context
         self.tok = nn.Embedding(vocab_size, d_model)
         self.pos = nn.Embedding(context, d_model)
@@ -124,7 +135,7 @@ class GPT(nn.Module):
         for i in range(layers):
             pats = None
             if densities is not None:
-                pats = {name: uniform(*shapes[6 * i + j], densities[6 * i + j], generator=generator)
+                pats = {name: _pattern(*shapes[6 * i + j], densities[6 * i + j], block_size, generator)
                         for j, name in enumerate(PROJECTIONS)}
             blocks.append(Block(d_model, heads, pats))
         self.blocks = nn.ModuleList(blocks)

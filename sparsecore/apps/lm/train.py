@@ -59,6 +59,7 @@ class LMConfig:
     method: str
     density: Optional[float] = None        # sparse methods: overall density of the projections (default 0.1)
     distribution: str = "uniform"          # "uniform" | "erk"
+    block_size: int = 1                    # sparse methods: 1 = CSR connections, > 1 = BSR blocks of this size
     steps: Optional[int] = None            # exactly one of steps and time_budget
     time_budget: Optional[float] = None
     batch_size: int = 32
@@ -87,7 +88,10 @@ class LMConfig:
                       "eval_every", "eval_batches")
 
     def fingerprint(self) -> Dict[str, Any]:
-        return {k: jsonable(getattr(self, k)) for k in self._RESULT_FIELDS}
+        fp = {k: jsonable(getattr(self, k)) for k in self._RESULT_FIELDS}
+        if self.block_size != 1:  # only then: checkpoints written before the option existed still match
+            fp["block_size"] = self.block_size
+        return fp
 
     def to_dict(self) -> Dict[str, Any]:
         return {f.name: jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
@@ -115,6 +119,11 @@ def check_config(c: LMConfig) -> LMConfig:
         number("density", c.density, 0.0, lo_open=True)
         if c.density > 1:
             raise TrainError(f"density must be in (0, 1], got {c.density!r}")
+    posint("block_size", c.block_size)
+    if c.method == "dense" and c.block_size != 1:
+        raise TrainError("--block-size is for the sparse methods (static, set, rigl), not --method dense")
+    if c.d_model % c.block_size:
+        raise TrainError(f"--d-model {c.d_model} must be a multiple of --block-size {c.block_size}")
     if c.distribution not in ("uniform", "erk"):
         raise TrainError(f"distribution must be 'uniform' or 'erk', got {c.distribution!r}")
     if (c.steps is None) == (c.time_budget is None):
@@ -215,15 +224,16 @@ def layer_counts(model: GPT) -> Dict[str, int]:
 
 
 def _connections(model: GPT) -> List[Optional[torch.Tensor]]:
-    """Per projection, the sorted flat indices ``row * in + col`` of its live connections (None if dense)."""
+    """Per projection, the sorted flat indices ``row * in + col`` of its live connections, of its live blocks'
+    positions in the block grid for BSR (None if dense)."""
     out = []
     for m in model.projections():
         if not isinstance(m, SparseLinear):
             out.append(None)
             continue
-        p = m.pattern
-        rows = torch.repeat_interleave(torch.arange(p.shape[0]), (p.rowptr[1:] - p.rowptr[:-1]).long())
-        out.append(torch.sort(rows * p.shape[1] + p.col.long()).values)
+        p = m.pattern  # for BSR the entries are blocks: rows and columns of the block grid
+        rows = torch.repeat_interleave(torch.arange(p.rowptr.numel() - 1), (p.rowptr[1:] - p.rowptr[:-1]).long())
+        out.append(torch.sort(rows * (p.shape[1] // p.block_size) + p.col.long()).values)
     return out
 
 
@@ -267,7 +277,7 @@ def train_lm(config: Union[LMConfig, Dict[str, Any]]) -> Dict[str, Any]:
     reset_peak_rss()
     densities = None if c.method == "dense" else layer_densities(c.layers, c.d_model, c.density, c.distribution)
     model = GPT(data.vocab_size, c.context, c.layers, c.d_model, c.heads, densities,
-                generator=torch.Generator().manual_seed(c.seed + 0x9A7))
+                generator=torch.Generator().manual_seed(c.seed + 0x9A7), block_size=c.block_size)
     initial = _connections(model)  # before any checkpoint is loaded: the run's initial patterns (seeded)
     optimizer = make_optimizer(model, c)
     data_gen = torch.Generator().manual_seed(c.seed + 0x5EED)
@@ -281,7 +291,8 @@ def train_lm(config: Union[LMConfig, Dict[str, Any]]) -> Dict[str, Any]:
         if ck.get("kind") != "lm":
             raise TrainError(f"{str(ckpt_path)!r} is not a 'sparsecore lm' checkpoint")
         if ck["fingerprint"] != c.fingerprint():
-            diff = sorted(k for k in c.fingerprint() if ck["fingerprint"].get(k) != c.fingerprint().get(k))
+            diff = sorted(k for k in set(c.fingerprint()) | set(ck["fingerprint"])
+                          if ck["fingerprint"].get(k) != c.fingerprint().get(k))
             raise TrainError(f"checkpoint {str(ckpt_path)!r} was written with different settings ({', '.join(diff)}): "
                              "resume with the same ones, or start a new run without --resume")
         state = ck["state"]
@@ -363,6 +374,7 @@ def train_lm(config: Union[LMConfig, Dict[str, Any]]) -> Dict[str, Any]:
     med = statistics.median(steps_s) if steps_s else None
     report: Dict[str, Any] = {
         "method": c.method, "density": c.density if c.method != "dense" else 1.0, "distribution": c.distribution,
+        "block_size": c.block_size,
         "val_loss": hist[-1]["val_loss"], "val_loss_unit": "nats per character (mean over the fixed validation "
                                                            "windows)",
         "train_loss": hist[-1]["train_loss"],
