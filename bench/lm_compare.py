@@ -1,6 +1,7 @@
 """Sparse transformers against dense: ``sparsecore lm`` for dense, then static/SET/RigL at each density, one text.
 
     python bench/lm_compare.py --data input.txt [--steps 300] [--densities 0.1,0.05] [--methods static,set,rigl]
+                               [--block-sizes 1,32]
         [--threads 2] [--eval-every 50] [--out bench/results/lm] [--sample 200] [model/optimizer options of lm]
 
 1. Dense trains ``--steps N``; its training seconds are ``T`` (evaluation excluded).
@@ -42,6 +43,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=300, help="dense steps N (equal-steps column)")
     p.add_argument("--densities", default="0.1,0.05")
     p.add_argument("--methods", default="static,set,rigl")
+    p.add_argument("--block-sizes", default="1", help="comma-separated: 1 = single connections, B > 1 = BSR blocks")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--eval-every", type=int, default=50, help="must divide --steps")
     p.add_argument("--sample", type=int, default=200, help="characters sampled from each trained model")
@@ -57,6 +59,12 @@ def parse(argv=None) -> argparse.Namespace:
         p.error(f"--densities must be comma-separated numbers, got {a.densities!r}")
     if any(not 0 < d <= 1 for d in a.density_list):
         p.error(f"densities must be in (0, 1], got {a.densities}")
+    try:
+        a.block_list = [int(b) for b in a.block_sizes.split(",")]
+    except ValueError:
+        p.error(f"--block-sizes must be comma-separated integers, got {a.block_sizes!r}")
+    if any(b < 1 for b in a.block_list):
+        p.error(f"block sizes must be >= 1, got {a.block_sizes}")
     a.method_list = [m.strip() for m in a.methods.split(",") if m.strip()]
     bad = [m for m in a.method_list if m not in ("static", "set", "rigl")]
     if bad:
@@ -125,25 +133,26 @@ def main(argv=None) -> int:
         dense = runs["dense"] = lm(a, tmp, "dense", ["--method", "dense", "--steps", str(a.steps)])
         t_budget = dense["train_seconds"]
         dense_ms = dense["step_seconds"] * 1e3
-        rows.append(dict(method="dense", density=1.0, step_ms=dense_ms, speedup=1.0,
+        rows.append(dict(method="dense", density=1.0, block_size=1, step_ms=dense_ms, speedup=1.0,
                          tokens_per_second=dense["tokens_per_second"], val_equal_steps=dense["val_loss"],
                          equal_steps_rerun=False, val_equal_time=dense["val_loss"], steps_in_time=dense["steps"],
                          peak_rss_mb=dense["peak_rss_mb"], nnz=dense["nnz"]))
         for d in a.density_list:
-            for m in a.method_list:
-                name = f"{m}@{d:g}"
-                r = runs[name] = lm(a, tmp, name, ["--method", m, "--density", str(d),
-                                                   "--time-budget", repr(t_budget)])
-                v_steps, rerun = at_step(r, a.steps), False
-                if v_steps is None:  # fewer than N steps in T: equal steps needs its own run
-                    r2 = runs[name + " (steps)"] = lm(a, tmp, name + "-steps", ["--method", m, "--density", str(d),
-                                                                               "--steps", str(a.steps)])
-                    v_steps, rerun = r2["val_loss"], True
-                ms = r["step_seconds"] * 1e3
-                rows.append(dict(method=m, density=d, step_ms=ms, speedup=dense_ms / ms,
-                                 tokens_per_second=r["tokens_per_second"], val_equal_steps=v_steps,
-                                 equal_steps_rerun=rerun, val_equal_time=r["val_loss"], steps_in_time=r["steps"],
-                                 peak_rss_mb=r["peak_rss_mb"], nnz=r["nnz"]))
+            for bs in a.block_list:
+                for m in a.method_list:
+                    name = f"{m}@{d:g}" + (f"/bsr{bs}" if bs > 1 else "")
+                    common = ["--method", m, "--density", str(d), "--block-size", str(bs)]
+                    r = runs[name] = lm(a, tmp, name.replace("/", "-"), common + ["--time-budget", repr(t_budget)])
+                    v_steps, rerun = at_step(r, a.steps), False
+                    if v_steps is None:  # fewer than N steps in T: equal steps needs its own run
+                        r2 = runs[name + " (steps)"] = lm(a, tmp, name.replace("/", "-") + "-steps",
+                                                          common + ["--steps", str(a.steps)])
+                        v_steps, rerun = r2["val_loss"], True
+                    ms = r["step_seconds"] * 1e3
+                    rows.append(dict(method=m, density=d, block_size=bs, step_ms=ms, speedup=dense_ms / ms,
+                                     tokens_per_second=r["tokens_per_second"], val_equal_steps=v_steps,
+                                     equal_steps_rerun=rerun, val_equal_time=r["val_loss"], steps_in_time=r["steps"],
+                                     peak_rss_mb=r["peak_rss_mb"], nnz=r["nnz"]))
 
     png = plot(runs, out / "lm_compare.png")
     md = [f"# sparsecore lm: sparse vs dense character-level GPT", "",
@@ -155,11 +164,12 @@ def main(argv=None) -> int:
           f"Equal steps: val loss at step {a.steps}, read from the equal-time run's history (`*`: that run did "
           f"not reach {a.steps} steps, so a separate `--steps {a.steps}` run). Equal time: val loss after T seconds "
           f"of training. Speed-up: dense median step time / this one.", "",
-          "| method | density | nnz | step ms (median) | speed-up | tokens/s | val loss @ equal steps | "
+          "| method | density | blocks | nnz | step ms (median) | speed-up | tokens/s | val loss @ equal steps | "
           "val loss @ equal time (steps) | peak RSS MB |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        md.append(f"| {r['method']} | {r['density']:g} | {r['nnz']:,} | {r['step_ms']:.1f} | {r['speedup']:.2f}x | "
+        blocks = "-" if r["block_size"] == 1 else f"{r['block_size']}x{r['block_size']}"
+        md.append(f"| {r['method']} | {r['density']:g} | {blocks} | {r['nnz']:,} | {r['step_ms']:.1f} | {r['speedup']:.2f}x | "
                   f"{r['tokens_per_second']:,.0f} | {r['val_equal_steps']:.4f}{'*' if r['equal_steps_rerun'] else ''}"
                   f" | {r['val_equal_time']:.4f} ({r['steps_in_time']}) | {r['peak_rss_mb']:.0f} |")
     md += ["", f"Plot: `{png}`" if png else "Plot: skipped (no matplotlib).", "", "## Samples", ""]

@@ -271,13 +271,15 @@ def test_bench_lm_compare_tiny(text_file, tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "lm_compare.py"), "--data", str(text_file), "--steps", "4",
                         "--eval-every", "2", "--d-model", "32", "--layers", "1", "--context", "16", "--batch-size", "4",
                         "--densities", "0.5", "--methods", "static,set", "--threads", "1", "--eval-batches", "1",
-                        "--update-every", "2", "--sample", "10", "--out", str(out)],
+                        "--update-every", "2", "--sample", "10", "--block-sizes", "1,8", "--out", str(out)],
                        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr
     md = (out / "lm_compare.md").read_text()
-    assert "bench/lm_compare.py --data" in md and "| set | 0.5 |" in md and "| dense | 1 |" in md
+    assert "bench/lm_compare.py --data" in md and "| set | 0.5 | - |" in md and "| dense | 1 | - |" in md
+    assert "| set | 0.5 | 8x8 |" in md
     r = json.loads((out / "lm_compare.json").read_text())
-    assert {"dense", "static@0.5", "set@0.5"} <= set(r["reports"])
+    assert {"dense", "static@0.5", "set@0.5", "set@0.5/bsr8"} <= set(r["reports"])
+    assert r["reports"]["set@0.5/bsr8"]["block_size"] == 8
     assert all(row["val_equal_steps"] is not None for row in r["rows"])
     assert all(len(rep["sample"]) == 10 for rep in r["reports"].values())
 
