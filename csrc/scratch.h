@@ -19,12 +19,14 @@ namespace sc {
 
 constexpr int SCRATCH_SLOTS = 3;
 
+inline void free_scratch(void* p, std::size_t bytes);
+
 struct ScratchSlots {
   void* p[SCRATCH_SLOTS] = {};
   std::size_t bytes[SCRATCH_SLOTS] = {};
   void release() {
     for (int i = 0; i < SCRATCH_SLOTS; ++i) {
-      std::free(p[i]);
+      free_scratch(p[i], bytes[i]);
       p[i] = nullptr;
       bytes[i] = 0;
     }
@@ -45,16 +47,40 @@ inline ScratchSlots& thread_scratch() {
 constexpr std::size_t HUGE_PAGE = std::size_t(2) << 20;
 constexpr std::size_t HUGE_FROM = std::size_t(1) << 20;
 
+// Large buffers are mapped (and unmapped by free_scratch) directly, not taken from malloc: glibc raises its mmap
+// threshold after the first large free, so later buffers came from its heap and stayed resident after
+// release_scratch(). `bytes` is the size asked for; free_scratch needs the same value.
+inline std::size_t mapped_bytes(std::size_t bytes) { return (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE; }
+
 inline void* alloc_scratch(std::size_t bytes) {
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   if (bytes >= HUGE_FROM) {
-    const std::size_t whole = (bytes + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
-    void* p = std::aligned_alloc(HUGE_PAGE, whole);
-    if (p) madvise(p, whole, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
+    // Map one huge page more than needed, then trim the ends so that the buffer starts on a 2 MiB boundary.
+    const std::size_t whole = mapped_bytes(bytes);
+    void* raw = mmap(nullptr, whole + HUGE_PAGE, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (raw == MAP_FAILED) return nullptr;
+    const std::uintptr_t start = reinterpret_cast<std::uintptr_t>(raw);
+    const std::uintptr_t aligned = (start + HUGE_PAGE - 1) / HUGE_PAGE * HUGE_PAGE;
+    if (aligned > start) munmap(raw, aligned - start);
+    const std::size_t tail = (start + whole + HUGE_PAGE) - (aligned + whole);
+    if (tail) munmap(reinterpret_cast<void*>(aligned + whole), tail);
+    void* p = reinterpret_cast<void*>(aligned);
+    madvise(p, whole, MADV_HUGEPAGE);  // advice only: failure leaves ordinary pages
     return p;
   }
 #endif
   return std::aligned_alloc(64, bytes);
+}
+
+inline void free_scratch(void* p, std::size_t bytes) {
+  if (!p) return;
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  if (bytes >= HUGE_FROM) {
+    munmap(p, mapped_bytes(bytes));
+    return;
+  }
+#endif
+  std::free(p);
 }
 
 // n elements of T, 64-byte aligned, contents undefined; valid until this thread asks for the same slot again.
@@ -63,7 +89,7 @@ T* scratch(int slot, int64_t n) {
   ScratchSlots& s = thread_scratch();
   const std::size_t want = ((static_cast<std::size_t>(n > 0 ? n : 1) * sizeof(T) + 63) / 64) * 64;
   if (s.bytes[slot] < want) {
-    std::free(s.p[slot]);
+    free_scratch(s.p[slot], s.bytes[slot]);
     s.p[slot] = alloc_scratch(want);
     s.bytes[slot] = s.p[slot] ? want : 0;
     if (!s.p[slot]) throw std::bad_alloc();
