@@ -71,11 +71,8 @@ def test_every_projection_is_sparse_and_only_the_head_is_dense_linear():
     assert not any(isinstance(mod, nn.MultiheadAttention) for mod in m.modules())
 
 
-def test_sparse_at_density_one_equals_dense_with_copied_weights():
-    torch.manual_seed(0)
-    sparse = GPT(13, 16, 2, 32, 4, densities=[1.0] * 12).double()
-    dense = GPT(13, 16, 2, 32, 4).double()
-    sd = {k: v for k, v in sparse.state_dict().items()}
+def copy_into_dense(sparse: GPT, dense: GPT) -> None:
+    """Give the dense model the sparse one's weights (projections through ``to_dense``, the rest as they are)."""
     with torch.no_grad():
         for s, d in zip(sparse.projections(), dense.projections()):
             lin = s.to_dense()
@@ -86,6 +83,14 @@ def test_sparse_at_density_one_equals_dense_with_copied_weights():
         for bs, bd in zip(sparse.blocks, dense.blocks):
             bd.ln1.load_state_dict(bs.ln1.state_dict())
             bd.ln2.load_state_dict(bs.ln2.state_dict())
+
+
+def test_sparse_at_density_one_equals_dense_with_copied_weights():
+    torch.manual_seed(0)
+    sparse = GPT(13, 16, 2, 32, 4, densities=[1.0] * 12).double()
+    dense = GPT(13, 16, 2, 32, 4).double()
+    sd = {k: v for k, v in sparse.state_dict().items()}
+    copy_into_dense(sparse, dense)
     assert sd.keys() == sparse.state_dict().keys()
     x = torch.randint(0, 13, (2, 16))
     torch.testing.assert_close(sparse(x), dense(x), rtol=1e-12, atol=1e-12)
@@ -315,16 +320,7 @@ def test_block_sparse_model_has_bsr_layers_and_matches_dense_at_density_one():
     sparse = GPT(13, 16, 2, 32, 4, densities=[1.0] * 12, block_size=16).double()
     assert all(p.block_size == 16 and p.nnz == p.in_features * p.out_features for p in sparse.projections())
     dense = GPT(13, 16, 2, 32, 4).double()
-    with torch.no_grad():
-        for s, d in zip(sparse.projections(), dense.projections()):
-            lin = s.to_dense()
-            d.weight.copy_(lin.weight)
-            d.bias.copy_(lin.bias)
-        for name in ("tok", "pos", "ln_f", "head"):
-            getattr(dense, name).load_state_dict(getattr(sparse, name).state_dict())
-        for bs, bd in zip(sparse.blocks, dense.blocks):
-            bd.ln1.load_state_dict(bs.ln1.state_dict())
-            bd.ln2.load_state_dict(bs.ln2.state_dict())
+    copy_into_dense(sparse, dense)
     x = torch.randint(0, 13, (2, 16))
     torch.testing.assert_close(sparse(x), dense(x), rtol=1e-12, atol=1e-12)
     half = GPT(13, 16, 2, 32, 4, densities=[0.5] * 12, block_size=16)
