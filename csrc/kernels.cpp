@@ -210,17 +210,18 @@ static void gather_by_row_blocks(const int32_t* colptr, const int32_t* row, cons
   const int64_t nnz = colptr[n_cols];
   const double row_bytes = double(nnz) / double(n_rows > 0 ? n_rows : 1) * double(sizeof(E));
   const int64_t block = std::max<int64_t>(1, int64_t(double(g_gather_block_bytes) / std::max(row_bytes, 1.0)));
+  // Each column's next entry; allocated here, not in the parallel region, where a throw could not be caught.
+  std::vector<int64_t> cursor(colptr, colptr + n_cols);
 #pragma omp parallel num_threads(nt)
   {
     const int tid = sc::thread_id(), nth = sc::team_size();
     const int64_t c0 = n_cols * tid / nth, c1 = n_cols * (tid + 1) / nth;
-    std::vector<int64_t> cursor(colptr + c0, colptr + c1);
     for (int64_t r1 = block; r1 < n_rows + block; r1 += block) {
       for (int64_t c = c0; c < c1; ++c) {
-        int64_t t = cursor[c - c0];
+        int64_t t = cursor[c];
         const int64_t end = colptr[c + 1];
         for (; t < end && row[t] < r1; ++t) g[t] = val[perm[t]];
-        cursor[c - c0] = t;
+        cursor[c] = t;
       }
     }
   }
@@ -283,8 +284,9 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   // 11.7 -> 11.3 ms in two runs of 25 interleaved calls (32 and 128 ahead gave the same; 512, no gain).
   if (B == 0) return;
   E* gathered = pe ? scratch<E>(1, nnz) : nullptr;
-  if (pe && (nnz * int64_t(sizeof(E)) > (1 << 20) || nnz * int64_t(sizeof(E)) > g_gather_blocked_from)) {
-    if (nnz * int64_t(sizeof(E)) > g_gather_blocked_from)
+  const int64_t value_bytes = nnz * int64_t(sizeof(E));
+  if (pe && value_bytes > std::min<int64_t>(int64_t(1) << 20, g_gather_blocked_from)) {
+    if (value_bytes > g_gather_blocked_from)
       gather_by_row_blocks(rp, ci, pe, val, gathered, n_rows, n_cols, nt);
     else {
       E* g = gathered;
