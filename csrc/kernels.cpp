@@ -241,41 +241,19 @@ static Arr<A> exact_array(const py::object& obj, const char* what) {
 //
 // Layouts: X is (B, n_cols) row-major, or with x_fm (n_cols, B), the storage of a feature-major (B, n_cols)
 // tensor; Y likewise (B, n_rows), or with out_fm (n_rows, B).
-template <class A>
-void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col, const Arr<A>& values,
-             py::object perm_obj, py::object bias_obj, Arr<A>& Y, int nthreads, bool x_fm, bool out_fm) {
-  typedef typename storage_of<A>::type E;  // as the kernels store it: A, or bf16
-  typedef typename compute_of<E>::type S;  // as they compute: float for bf16
-  require(X.ndim() == 2 && Y.ndim() == 2, "spmm: X and Y must be 2-D");
-  const int64_t B = X.shape(x_fm ? 1 : 0), n_cols = X.shape(x_fm ? 0 : 1);
-  const int64_t n_rows = numel(rowptr) - 1;
-  require(Y.shape(out_fm ? 1 : 0) == B && Y.shape(out_fm ? 0 : 1) == n_rows,
-          out_fm ? "spmm: Y must have shape (n_rows, batch)" : "spmm: Y must have shape (batch, n_rows)");
-  require(numel(col) == numel(values), "spmm: col and values must have the same length");
-  const E* bias = nullptr;
-  Arr<A> bias_arr;
-  if (!bias_obj.is_none()) {
-    bias_arr = exact_array<A>(bias_obj, "spmm: bias");
-    require(numel(bias_arr) == n_rows, "spmm: bias must have n_rows elements");
-    bias = reinterpret_cast<const E*>(bias_arr.data());
-  }
-  Arr<int32_t> perm;
-  if (!perm_obj.is_none()) {
-    perm = exact_array<int32_t>(perm_obj, "spmm: perm");
-    require(numel(perm) == numel(values), "spmm: perm must have nnz elements");
-  }
-  const int nt = threads_for_work(nthreads, numel(values) * B);
-  const int32_t* rp = rowptr.data();
-  const int32_t* ci = col.data();
-  const E* xp = reinterpret_cast<const E*>(X.data());
-  E* yp = reinterpret_cast<E*>(Y.mutable_data());
-  const int64_t nnz = numel(values);
+// The work of spmm_py and spmm_ptr on checked arguments. E: the storage type (float, double or bf16). X (B, n_cols)
+// or with x_fm (n_cols, B); Y (B, n_rows) or with out_fm (n_rows, B); rp (n_rows + 1), ci and val (nnz); pe (nnz) or
+// null; bias (n_rows) or null. The caller has released the GIL.
+template <class E>
+void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* rp, const int32_t* ci,
+              const E* val, int64_t nnz, const int32_t* pe, const E* bias, E* yp, int64_t n_rows, bool out_fm,
+              int nthreads) {
+  typedef typename compute_of<E>::type S;  // as the kernels compute: float for bf16
+  const int nt = threads_for_work(nthreads, nnz * B);
   const int isa = kernel_isa();
   const int L = isa_vector_bytes(isa) / int(sizeof(S));
-  py::gil_scoped_release nogil;
-  const int32_t* pe = perm.size() > 0 ? perm.data() : nullptr;
+  if (nnz == 0) pe = nullptr;
   if (is_bf16<E>()) g_bf16_ran[pe ? BF16_SPMM_T : BF16_SPMM] = std::min(isa, int(ISA_AVX512));
-  const E* val = reinterpret_cast<const E*>(values.data());
   // values[perm] (nnz) in scratch slot 1. Its reads land at random in `values`: while the values fit in ~1 MiB
   // the kernel's first tile gathers them between its FMAs (free at 1% density of a 4096x4096 layer, where a
   // separate pass cost 0.35 ms); a larger array misses the caches at nearly every read, which stalls that tile
@@ -337,29 +315,44 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
   }
 }
 
-// dvalues (nnz,) = (dY^T X) at the live connections of the CSR pattern (rowptr, col). A: as for spmm_py.
-// Layouts as in spmm_py: dY (B, n_rows) or with dy_fm (n_rows, B); X (B, n_cols) or with x_fm (n_cols, B).
 template <class A>
-void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col,
-              Arr<A>& dval, int nthreads, bool dy_fm, bool x_fm) {
-  typedef typename storage_of<A>::type E;
-  typedef typename compute_of<E>::type S;
-  require(X.ndim() == 2 && dY.ndim() == 2, "sddmm: X and dY must be 2-D");
+void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col, const Arr<A>& values,
+             py::object perm_obj, py::object bias_obj, Arr<A>& Y, int nthreads, bool x_fm, bool out_fm) {
+  typedef typename storage_of<A>::type E;  // as the kernels store it: A, or bf16
+  require(X.ndim() == 2 && Y.ndim() == 2, "spmm: X and Y must be 2-D");
   const int64_t B = X.shape(x_fm ? 1 : 0), n_cols = X.shape(x_fm ? 0 : 1);
   const int64_t n_rows = numel(rowptr) - 1;
-  require(dY.shape(dy_fm ? 1 : 0) == B && dY.shape(dy_fm ? 0 : 1) == n_rows,
-          dy_fm ? "sddmm: dY must have shape (n_rows, batch)" : "sddmm: dY must have shape (batch, n_rows)");
-  require(numel(dval) == numel(col), "sddmm: dval must have nnz elements");
-  const int nt = threads_for_work(nthreads, numel(col) * B);
-  const int32_t* rp = rowptr.data();
-  const int32_t* ci = col.data();
-  const E* xp = reinterpret_cast<const E*>(X.data());
-  const E* yp = reinterpret_cast<const E*>(dY.data());
-  E* dv = reinterpret_cast<E*>(dval.mutable_data());
-  const int64_t nnz = numel(col);
+  require(Y.shape(out_fm ? 1 : 0) == B && Y.shape(out_fm ? 0 : 1) == n_rows,
+          out_fm ? "spmm: Y must have shape (n_rows, batch)" : "spmm: Y must have shape (batch, n_rows)");
+  require(numel(col) == numel(values), "spmm: col and values must have the same length");
+  const E* bias = nullptr;
+  Arr<A> bias_arr;
+  if (!bias_obj.is_none()) {
+    bias_arr = exact_array<A>(bias_obj, "spmm: bias");
+    require(numel(bias_arr) == n_rows, "spmm: bias must have n_rows elements");
+    bias = reinterpret_cast<const E*>(bias_arr.data());
+  }
+  Arr<int32_t> perm;
+  if (!perm_obj.is_none()) {
+    perm = exact_array<int32_t>(perm_obj, "spmm: perm");
+    require(numel(perm) == numel(values), "spmm: perm must have nnz elements");
+  }
+  const int32_t* pe = perm.size() > 0 ? perm.data() : nullptr;
+  py::gil_scoped_release nogil;
+  spmm_run<E>(reinterpret_cast<const E*>(X.data()), B, n_cols, x_fm, rowptr.data(), col.data(),
+              reinterpret_cast<const E*>(values.data()), numel(values), pe, bias,
+              reinterpret_cast<E*>(Y.mutable_data()), n_rows, out_fm, nthreads);
+}
+
+// The work of sddmm_py and sddmm_ptr on checked arguments: dY (B, n_rows) or with dy_fm (n_rows, B); X (B, n_cols) or
+// with x_fm (n_cols, B); rp (n_rows + 1), ci and dv (nnz). E: the storage type. The caller has released the GIL.
+template <class E>
+void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_cols, bool dy_fm, bool x_fm,
+               const int32_t* rp, const int32_t* ci, int64_t nnz, E* dv, int nthreads) {
+  typedef typename compute_of<E>::type S;
+  const int nt = threads_for_work(nthreads, nnz * B);
   const int isa = kernel_isa();
   const int L = isa_vector_bytes(isa) / int(sizeof(S));
-  py::gil_scoped_release nogil;
   // bf16 with AVX512-BF16: the dot products by vdpbf16ps (the avx512bf16 copy); else bf16 tiles widened to fp32.
   const bool bf16_dot = is_bf16<E>() && isa == ISA_AVX512BF16;
   if (is_bf16<E>()) g_bf16_ran[BF16_SDDMM] = bf16_dot ? isa : std::min(isa, int(ISA_AVX512));
@@ -369,7 +362,7 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks =
-      batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, numel(col), n_cols, l2_bytes_per_core()));
+      batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, nnz, n_cols, l2_bytes_per_core()));
   const bool in_place = fm_in_place(nnz, n_cols);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
   // streamed dY^T rows), and where each row's entries of each block start. Each (row, block) segment costs a
@@ -434,7 +427,76 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
   }
 }
 
+// dvalues (nnz,) = (dY^T X) at the live connections of the CSR pattern (rowptr, col). A: as for spmm_py.
+// Layouts as in spmm_py: dY (B, n_rows) or with dy_fm (n_rows, B); X (B, n_cols) or with x_fm (n_cols, B).
+template <class A>
+void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& col,
+              Arr<A>& dval, int nthreads, bool dy_fm, bool x_fm) {
+  typedef typename storage_of<A>::type E;
+  require(X.ndim() == 2 && dY.ndim() == 2, "sddmm: X and dY must be 2-D");
+  const int64_t B = X.shape(x_fm ? 1 : 0), n_cols = X.shape(x_fm ? 0 : 1);
+  const int64_t n_rows = numel(rowptr) - 1;
+  require(dY.shape(dy_fm ? 1 : 0) == B && dY.shape(dy_fm ? 0 : 1) == n_rows,
+          dy_fm ? "sddmm: dY must have shape (n_rows, batch)" : "sddmm: dY must have shape (batch, n_rows)");
+  require(numel(dval) == numel(col), "sddmm: dval must have nnz elements");
+  py::gil_scoped_release nogil;
+  sddmm_run<E>(reinterpret_cast<const E*>(dY.data()), reinterpret_cast<const E*>(X.data()), B, n_rows, n_cols, dy_fm,
+               x_fm, rowptr.data(), col.data(), numel(col), reinterpret_cast<E*>(dval.mutable_data()), nthreads);
+}
+
+// Entry points by address, for sparsecore.ops: the numpy entries above cost ~15-20 us a call in conversions and
+// argument casting (five to seven arrays), which at high sparsity is more than the arithmetic of a 1000x1000 layer
+// (CTRE's 0.24%-dense layers: ~10 us). The caller passes tensors' data_ptr()s and sizes it has checked, and
+// guarantees the layouts (contiguous, or feature-major as the flags say) and int32 indices; what can be checked
+// cheaply here is: sizes not negative, addresses set where there is data, and rowptr running from 0 to nnz.
+// dtype: 0 float32, 1 float64, 2 bfloat16.
+template <class T>
+static T* at(uintptr_t p) { return reinterpret_cast<T*>(p); }
+
+static void check_ptr_args(const char* name, int dtype, int64_t B, int64_t n_rows, int64_t n_cols, int64_t nnz,
+                           uintptr_t rowptr, uintptr_t col) {
+  require(dtype >= 0 && dtype <= 2, std::string(name) + ": dtype code must be 0 (float32), 1 (float64) or 2 (bfloat16)");
+  require(B >= 0 && n_rows >= 0 && n_cols >= 0 && nnz >= 0, std::string(name) + ": sizes must not be negative");
+  require(rowptr != 0 && (nnz == 0 || col != 0), std::string(name) + ": missing index array");
+  const int32_t* rp = at<const int32_t>(rowptr);
+  require(rp[0] == 0 && rp[n_rows] == nnz, std::string(name) + ": rowptr must run from 0 to nnz");
+}
+
+static void spmm_ptr(int dtype, uintptr_t x, int64_t B, int64_t n_cols, bool x_fm, uintptr_t rowptr, uintptr_t col,
+                     uintptr_t values, int64_t nnz, uintptr_t perm, uintptr_t bias, uintptr_t y, int64_t n_rows,
+                     bool out_fm, int nthreads) {
+  check_ptr_args("spmm_ptr", dtype, B, n_rows, n_cols, nnz, rowptr, col);
+  require(B == 0 || n_rows == 0 || (y != 0 && (n_cols == 0 || x != 0)), "spmm_ptr: missing x or y");
+  py::gil_scoped_release nogil;
+  const int32_t *rp = at<const int32_t>(rowptr), *ci = at<const int32_t>(col), *pe = at<const int32_t>(perm);
+#define SC_RUN(E) spmm_run<E>(at<const E>(x), B, n_cols, x_fm, rp, ci, at<const E>(values), nnz, pe, at<const E>(bias), \
+                              at<E>(y), n_rows, out_fm, nthreads)
+  if (dtype == 0) SC_RUN(float);
+  else if (dtype == 1) SC_RUN(double);
+  else SC_RUN(sc::bf16);
+#undef SC_RUN
+}
+
+static void sddmm_ptr(int dtype, uintptr_t dy, uintptr_t x, int64_t B, int64_t n_rows, int64_t n_cols, bool dy_fm,
+                      bool x_fm, uintptr_t rowptr, uintptr_t col, int64_t nnz, uintptr_t out, int nthreads) {
+  check_ptr_args("sddmm_ptr", dtype, B, n_rows, n_cols, nnz, rowptr, col);
+  require(nnz == 0 || (out != 0 && (B == 0 || (dy != 0 && x != 0))), "sddmm_ptr: missing dy, x or out");
+  py::gil_scoped_release nogil;
+#define SC_RUN(E) sddmm_run<E>(at<const E>(dy), at<const E>(x), B, n_rows, n_cols, dy_fm, x_fm, \
+                               at<const int32_t>(rowptr), at<const int32_t>(col), nnz, at<E>(out), nthreads)
+  if (dtype == 0) SC_RUN(float);
+  else if (dtype == 1) SC_RUN(double);
+  else SC_RUN(sc::bf16);
+#undef SC_RUN
+}
+
 void bind_kernels(py::module_& m) {
+  m.def("spmm_ptr", &spmm_ptr,
+        "spmm by address (sparsecore.ops): (dtype, x, B, n_cols, x_fm, rowptr, col, values, nnz, perm or 0, bias or "
+        "0, y, n_rows, out_fm, nthreads); no layout checks: callers pass checked tensors");
+  m.def("sddmm_ptr", &sddmm_ptr,
+        "sddmm by address (sparsecore.ops): (dtype, dy, x, B, n_rows, n_cols, dy_fm, x_fm, rowptr, col, nnz, out, "
+        "nthreads); no layout checks: callers pass checked tensors");
   m.def("spmm", &spmm_py<float>, py::arg("x").noconvert(), py::arg("rowptr").noconvert(),
         py::arg("col").noconvert(), py::arg("values").noconvert(), py::arg("perm"), py::arg("bias"),
         py::arg("out").noconvert(), py::arg("nthreads"), py::arg("x_fm") = false, py::arg("out_fm") = false);

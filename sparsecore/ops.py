@@ -82,18 +82,58 @@ def _is_fm(t: Tensor) -> bool:
     return t.dim() == 2 and t.shape[0] > 1 and t.shape[1] > 1 and t.stride() == (1, t.shape[0])
 
 
-def _storage(t: Tensor):
-    """The numpy array the C++ kernels take for a row-major or feature-major 2-D tensor: (B, K) or (K, B)."""
-    return _np(t.t() if _is_fm(t) else t)
-
-
 def _empty(rows: int, cols: int, dtype: torch.dtype, fm: bool) -> Tensor:
     """An uninitialised (rows, cols) tensor, feature-major (stored (cols, rows)) with ``fm``."""
-    return torch.empty(cols, rows, dtype=dtype).t() if fm else torch.empty(rows, cols, dtype=dtype)
+    # empty_strided: one call (empty(cols, rows).t() is two, ~1.3 us more on every kernel call)
+    return torch.empty_strided((rows, cols), (1, rows), dtype=dtype) if fm else torch.empty(rows, cols, dtype=dtype)
 
 
 def _row_major(t: Tensor) -> Tensor:
     return t if t.is_contiguous() else t.contiguous()
+
+
+# The C++ CSR kernels are called by address (``_C.spmm_ptr`` / ``_C.sddmm_ptr``): building numpy views of five to
+# seven tensors cost ~20 us a call, more than the arithmetic of a very sparse layer. These helpers check what the
+# kernels assume and C++ cannot see: the layout, the dtype, int32 contiguous indices of the right length.
+_DTYPE_CODE = {torch.float32: 0, torch.float64: 1, torch.bfloat16: 2}
+
+
+def _csr_layout(t: Tensor) -> bool:
+    """Whether the 2-D operand t is feature-major (True) or row-major (False); anything else is an error."""
+    if t.dtype not in _DTYPE_CODE or t.device.type != "cpu":
+        raise TypeError(f"the C++ CSR kernels take CPU float32/float64/bfloat16 tensors, got {t.dtype} on {t.device}")
+    if t.dim() != 2:
+        raise ValueError(f"the C++ CSR kernels take 2-D operands, got shape {tuple(t.shape)}")
+    if _is_fm(t):
+        return True
+    if not t.is_contiguous():
+        raise ValueError("the C++ CSR kernels take row-major (contiguous) or feature-major operands")
+    return False
+
+
+def _check_index(*ts: Tensor) -> None:
+    for t in ts:
+        if t.dtype != torch.int32 or not t.is_contiguous():
+            raise TypeError(f"pattern index tensors must be contiguous int32, got {t.dtype}")
+
+
+def _values_ptr(values: Tensor, index: Tensor, dtype: torch.dtype) -> int:
+    """values' address, after checking it matches the pattern's entries (one per index entry, contiguous) and the
+    operand's dtype."""
+    if values.shape != index.shape or not values.is_contiguous() or values.dtype != dtype:
+        raise ValueError(f"values must be contiguous {dtype} with shape {tuple(index.shape)}, got {values.dtype} "
+                         f"{tuple(values.shape)}")
+    _check_index(index)
+    return values.data_ptr()
+
+
+def _bias_ptr(bias: Optional[Tensor], n_out: int, dtype: torch.dtype) -> int:
+    if bias is None:
+        return 0
+    if bias.shape != (n_out,) or not bias.is_contiguous() or bias.dtype != dtype:
+        raise ValueError(f"bias must be contiguous {dtype} with shape ({n_out},), got {bias.dtype} "
+                         f"{tuple(bias.shape)}")
+    return bias.data_ptr()
 
 
 def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, n_out: int,
@@ -106,14 +146,18 @@ def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor
         if block_size == 1:
             return tk.csr_spmm(x, values, rowptr, col, n_out, bias)
         return tk.bsr_spmm(x, values, rowptr, col, n_out, bias)
-    b = None if bias is None else _np(bias)
     if block_size == 1:
-        x_fm = _is_fm(x)
+        x_fm = _csr_layout(x)
+        if rowptr.shape[0] != n_out + 1:
+            raise ValueError(f"spmm: rowptr has {rowptr.shape[0]} entries for {n_out} output rows")
+        _check_index(rowptr)
         out_fm = x_fm if out_fm is None else bool(out_fm) and x.shape[0] > 1 and n_out > 1
         y = _empty(x.shape[0], n_out, x.dtype, out_fm)
-        _cpu_kernel("spmm", x.dtype)(_storage(x), _np(rowptr), _np(col), _np(values), None, b, _storage(y),
-                                     torch.get_num_threads(), x_fm=x_fm, out_fm=out_fm)
+        _C.spmm_ptr(_DTYPE_CODE[x.dtype], x.data_ptr(), x.shape[0], x.shape[1], x_fm, rowptr.data_ptr(),
+                    col.data_ptr(), _values_ptr(values, col, x.dtype), col.shape[0], 0,
+                    _bias_ptr(bias, n_out, x.dtype), y.data_ptr(), n_out, out_fm, torch.get_num_threads())
     else:
+        b = None if bias is None else _np(bias)
         x = _row_major(x)
         y = torch.empty(x.shape[0], n_out, dtype=x.dtype)
         _cpu_kernel("bsr_spmm", x.dtype)(_np(x), _np(rowptr), _np(col), _np(values), b, _np(y),
@@ -130,11 +174,17 @@ def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: 
             return tk.csr_spmm_t(dy, values, colptr, row, perm, n_in)
         return tk.bsr_spmm_t(_row_major(dy), values, colptr, row, perm, n_in)
     if block_size == 1:
-        dy_fm = _is_fm(dy)
+        dy_fm = _csr_layout(dy)
+        if colptr.shape[0] != n_in + 1:
+            raise ValueError(f"spmm_t: colptr has {colptr.shape[0]} entries for {n_in} input columns")
         out_fm = dy_fm if out_fm is None else bool(out_fm) and dy.shape[0] > 1 and n_in > 1
         dx = _empty(dy.shape[0], n_in, dy.dtype, out_fm)
-        _cpu_kernel("spmm", dy.dtype)(_storage(dy), _np(colptr), _np(row), _np(values), _np(perm), None,
-                                      _storage(dx), torch.get_num_threads(), x_fm=dy_fm, out_fm=out_fm)
+        if perm.shape != row.shape:
+            raise ValueError(f"spmm_t: perm has shape {tuple(perm.shape)}, row {tuple(row.shape)}")
+        _check_index(colptr, perm)
+        _C.spmm_ptr(_DTYPE_CODE[dy.dtype], dy.data_ptr(), dy.shape[0], dy.shape[1], dy_fm, colptr.data_ptr(),
+                    row.data_ptr(), _values_ptr(values, row, dy.dtype), row.shape[0], perm.data_ptr(), 0,
+                    dx.data_ptr(), n_in, out_fm, torch.get_num_threads())
     else:
         dy = _row_major(dy)
         dx = torch.empty(dy.shape[0], n_in, dtype=dy.dtype)
@@ -155,8 +205,13 @@ def _sddmm_impl(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: 
     shape = (nnz,) if block_size == 1 else (nnz, block_size, block_size)
     out = torch.empty(shape, dtype=dy.dtype)
     if block_size == 1:
-        _cpu_kernel("sddmm", dy.dtype)(_storage(dy), _storage(x), _np(rowptr), _np(col), _np(out),
-                                       torch.get_num_threads(), dy_fm=_is_fm(dy), x_fm=_is_fm(x))
+        dy_fm, x_fm = _csr_layout(dy), _csr_layout(x)
+        if x.dtype != dy.dtype or x.shape[0] != dy.shape[0] or dy.shape[1] != rowptr.shape[0] - 1:
+            raise ValueError(f"sddmm: dy {tuple(dy.shape)} {dy.dtype} and x {tuple(x.shape)} {x.dtype} do not match "
+                             f"a pattern of {rowptr.shape[0] - 1} rows")
+        _check_index(rowptr, col)
+        _C.sddmm_ptr(_DTYPE_CODE[dy.dtype], dy.data_ptr(), x.data_ptr(), dy.shape[0], dy.shape[1], x.shape[1], dy_fm,
+                     x_fm, rowptr.data_ptr(), col.data_ptr(), nnz, out.data_ptr(), torch.get_num_threads())
     else:
         _cpu_kernel("bsr_sddmm", dy.dtype)(_np(_row_major(dy)), _np(_row_major(x)), _np(rowptr), _np(col), _np(out),
                                            torch.get_num_threads())

@@ -277,6 +277,53 @@ def test_bad_inputs(gen):
         sparse_linear(torch.randn(2, 4, device="meta"), v, p)
 
 
+def test_kernels_by_address_check_what_they_can(gen):
+    """The C++ CSR kernels are called by address: the Python side checks layouts, dtypes and index lengths, the
+    C++ side sizes, dtype codes and that rowptr runs from 0 to nnz; a mismatch raises, it never reads astray."""
+    from sparsecore.ops import _sddmm_impl, _spmm_impl, _spmm_t_impl
+
+    p = Pattern.from_mask(random_mask(6, 5, 0.5, gen))
+    v, x, dy = torch.randn(p.nnz), torch.randn(3, 5), torch.randn(3, 6)
+    strided = torch.randn(3, 10)[:, ::2]  # neither row-major nor feature-major
+    with pytest.raises(ValueError, match="row-major .* or feature-major"):
+        _spmm_impl(strided, v, None, p.rowptr, p.col, 6, 1)
+    with pytest.raises(ValueError, match="values must be contiguous torch.float32 with shape"):
+        _spmm_impl(x, v[:-1], None, p.rowptr, p.col, 6, 1)
+    with pytest.raises(ValueError, match="values must be contiguous torch.float32"):
+        _spmm_impl(x, v.double(), None, p.rowptr, p.col, 6, 1)
+    with pytest.raises(ValueError, match="bias must be contiguous"):
+        _spmm_impl(x, v, torch.randn(5), p.rowptr, p.col, 6, 1)
+    with pytest.raises(ValueError, match="rowptr has 7 entries for 5 output rows"):
+        _spmm_impl(x, v, None, p.rowptr, p.col, 5, 1)
+    with pytest.raises(TypeError, match="contiguous int32"):
+        _spmm_impl(x, v, None, p.rowptr.long(), p.col, 6, 1)
+    with pytest.raises(ValueError, match="colptr has 6 entries for 4 input columns"):
+        _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 4, 1)
+    with pytest.raises(ValueError, match="perm has shape"):
+        _spmm_t_impl(dy, v, p.colptr, p.row, p.perm[:-1], 5, 1)
+    with pytest.raises(ValueError, match="do not match a pattern of 6 rows"):
+        _sddmm_impl(torch.randn(3, 5), x, p.rowptr, p.col, 1)
+    with pytest.raises(ValueError, match="do not match"):
+        _sddmm_impl(dy, torch.randn(4, 5), p.rowptr, p.col, 1)
+    # C++: a rowptr that does not end at nnz (a pattern and values out of step), a bad dtype code, negative sizes
+    bad = p.rowptr.clone()
+    bad[-1] += 1
+    y = torch.empty(3, 6)
+    with pytest.raises(ValueError, match="rowptr must run from 0 to nnz"):
+        _C.spmm_ptr(0, x.data_ptr(), 3, 5, False, bad.data_ptr(), p.col.data_ptr(), v.data_ptr(), p.nnz, 0, 0,
+                    y.data_ptr(), 6, False, 1)
+    with pytest.raises(ValueError, match="dtype code"):
+        _C.sddmm_ptr(7, dy.data_ptr(), x.data_ptr(), 3, 6, 5, False, False, p.rowptr.data_ptr(), p.col.data_ptr(),
+                     p.nnz, v.data_ptr(), 1)
+    with pytest.raises(ValueError, match="must not be negative"):
+        _C.sddmm_ptr(0, dy.data_ptr(), x.data_ptr(), -3, 6, 5, False, False, p.rowptr.data_ptr(), p.col.data_ptr(),
+                     p.nnz, v.data_ptr(), 1)
+    # and the entries by address give the numpy entries' bits
+    ref = torch.empty(3, 6)
+    _C.spmm(x.numpy(), p.rowptr.numpy(), p.col.numpy(), v.numpy(), None, None, ref.numpy(), 1)
+    assert torch.equal(_spmm_impl(x, v, None, p.rowptr, p.col, 6, 1), ref)
+
+
 def test_nan_propagates_not_crashes(gen):
     p = Pattern.from_mask(torch.ones(3, 4, dtype=torch.bool))
     v = torch.randn(p.nnz)
