@@ -146,9 +146,14 @@ static int sddmm_max_nv(int isa, int64_t nnz, int64_t n_cols, int64_t l2) {
 constexpr int BF16_SDDMM_MAX_NV = 8;
 //
 // A batch that is not a multiple of the widest tile goes in chunks of narrower tiles, so that little of the last
-// tile is padding: batch 100 for the SDDMM is 64 + 32 + 4 rows (tiles of 64, 32, 8 rows: 104 computed) instead
-// of two 64-row tiles (128), and for the SpMMs 96 + 4 (six 16-row tiles and one of 8). Each chunk is one kernel
-// call (nb batch rows from b0, nv vectors per tile row).
+// tile is padding. Each tile is one pass over every nonzero, and a pass costs about the same whatever its width
+// (the loads of indices and broadcast weights bound it), so a remainder of fewer than `lanes` rows does not get a
+// pass of its own: it joins the last tile before it, one vector wider (tiles of 3 and 5 vectors). Batch 100 with
+// AVX2 (8 lanes): the SDDMM runs 64 + 36 rows (tiles of 8 and 5 vectors; it ran 64 + 32 + 4 before), the SpMMs
+// 80 + 20 (five 16-row tiles and one of 24; before: six of 16 and one of 8). Measured on a 2-core Zen 3, 1 thread,
+// 1000x1000 at 4.5%, batch 100 (see docs/BENCHMARKS.md). bf16 keeps the power-of-two widths (the AVX512-BF16 dot
+// products read whole 32-row pairs of vectors). Each chunk is one kernel call (nb batch rows from b0, nv vectors
+// per tile row).
 struct BatchChunk {
   int64_t b0, nb;
   int nv;
@@ -161,7 +166,15 @@ static bool fm_in_place(int64_t nnz, int64_t n_cols) {
   return double(nnz) < g_fm_in_place_reads * double(n_cols > 0 ? n_cols : 1);
 }
 
-static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv) {
+static int widest_nv(const std::vector<BatchChunk>& chunks) {
+  int w = 1;
+  for (const BatchChunk& c : chunks) w = std::max(w, c.nv);
+  return w;
+}
+
+static bool g_merge_tail = true;  // tuning hook: _set_merge_tail (false: the remainder gets a pass of its own)
+
+static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bool merge_tail = true) {
   if (g_nv_override || B <= 0) return {{0, B > 0 ? B : 0, g_nv_override ? g_nv_override : 1}};
   std::vector<BatchChunk> chunks;
   for (int64_t b0 = 0; b0 < B;) {
@@ -173,6 +186,22 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv) {
     chunks.push_back({b0, nb, nv});
     b0 += nb;
   }
+  // The last chunk is partial only when fewer than `lanes` rows were left (nv 1); fold it into the tile before.
+  if (!(merge_tail && g_merge_tail) || chunks.size() < 2 || chunks.back().nb >= lanes) return chunks;
+  const BatchChunk tail = chunks.back();
+  chunks.pop_back();
+  const int pnv = chunks.back().nv;
+  const int64_t tile = int64_t(pnv) * lanes;
+  chunks.back().nb -= tile;  // its last whole tile (nb was a multiple of tile)
+  const int64_t start = chunks.back().b0 + chunks.back().nb;
+  if (chunks.back().nb == 0) chunks.pop_back();
+  if (pnv >= 8) {  // half of that tile stays a tile of its own, the other half takes the remainder: <= 5 vectors
+    const int half = pnv / 2;
+    chunks.push_back({start, int64_t(half) * lanes, half});
+    chunks.push_back({start + int64_t(half) * lanes, int64_t(half) * lanes + tail.nb, half + 1});
+  } else {
+    chunks.push_back({start, tile + tail.nb, pnv + 1});
+  }
   return chunks;
 }
 
@@ -181,11 +210,14 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv) {
 #define SC_DISPATCH_NV(NV, CALL_GEN, CALL_AVX, CALL_512)        \
   do {                                                          \
     if (isa >= ISA_AVX512) {                                    \
-      if (NV == 1) CALL_512(1); else if (NV == 2) CALL_512(2); else if (NV == 4) CALL_512(4); else CALL_512(8); \
+      if (NV == 1) CALL_512(1); else if (NV == 2) CALL_512(2); else if (NV == 3) CALL_512(3);                    \
+      else if (NV == 4) CALL_512(4); else if (NV == 5) CALL_512(5); else CALL_512(8);                            \
     } else if (isa == ISA_AVX2) {                               \
-      if (NV == 1) CALL_AVX(1); else if (NV == 2) CALL_AVX(2); else if (NV == 4) CALL_AVX(4); else CALL_AVX(8); \
+      if (NV == 1) CALL_AVX(1); else if (NV == 2) CALL_AVX(2); else if (NV == 3) CALL_AVX(3);                    \
+      else if (NV == 4) CALL_AVX(4); else if (NV == 5) CALL_AVX(5); else CALL_AVX(8);                            \
     } else {                                                    \
-      if (NV == 1) CALL_GEN(1); else if (NV == 2) CALL_GEN(2); else if (NV == 4) CALL_GEN(4); else CALL_GEN(8); \
+      if (NV == 1) CALL_GEN(1); else if (NV == 2) CALL_GEN(2); else if (NV == 3) CALL_GEN(3);                    \
+      else if (NV == 4) CALL_GEN(4); else if (NV == 5) CALL_GEN(5); else CALL_GEN(8);                            \
     }                                                           \
   } while (0)
 
@@ -279,10 +311,11 @@ void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* 
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks =
-      batch_chunks(B, L, spmm_max_nv(isa, nnz, n_cols, int64_t(sizeof(E)), l2_bytes_per_core()));
+      batch_chunks(B, L, spmm_max_nv(isa, nnz, n_cols, int64_t(sizeof(E)), l2_bytes_per_core()), !is_bf16<E>());
+  const int widest = widest_nv(chunks);
   const bool in_place = fm_in_place(nnz, n_cols);
-  // The tiles are stored as E (bf16 tiles for bf16, see BF16_SDDMM_MAX_NV); the first chunk has the widest ones.
-  E* buf = scratch<E>(0, std::max(2, nt) * n_cols * chunks[0].nv * L);
+  // The tiles are stored as E (bf16 tiles for bf16, see BF16_SDDMM_MAX_NV).
+  E* buf = scratch<E>(0, std::max(2, nt) * n_cols * widest * L);
   for (const BatchChunk& c : chunks) {
     // Whole tiles per thread once there is one per thread after the gathering tile: no barrier per tile and each
     // thread reads the tile it transposed from its own L2. Measured on a 2-core Zen 3, 2 threads, medians of
@@ -362,14 +395,16 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   const std::vector<BatchChunk> chunks =
-      batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, nnz, n_cols, l2_bytes_per_core()));
+      batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, nnz, n_cols, l2_bytes_per_core()),
+                   !is_bf16<E>());
+  const int widest = widest_nv(chunks);
   const bool in_place = fm_in_place(nnz, n_cols);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
   // streamed dY^T rows), and where each row's entries of each block start. Each (row, block) segment costs a
   // reload of the row's dY^T and a padded tail, so blocks are only used while segments average >= 32 entries
   // (at 1% density of a 4096x4096 layer one block of ~41-entry rows was 8% faster than four ~10-entry ones).
-  // Sized for the first chunk's tiles, the widest: the narrower tiles of later chunks fit as well.
-  const int64_t tile_row_bytes = int64_t(chunks[0].nv) * L * int64_t(sizeof(E));
+  // Sized for the widest chunk's tiles: the narrower tiles of the other chunks fit as well.
+  const int64_t tile_row_bytes = int64_t(widest) * L * int64_t(sizeof(E));
   const int64_t fit_cols = std::max<int64_t>(1, g_sddmm_block_bytes / tile_row_bytes);
   const int64_t fit_blocks = (n_cols + fit_cols - 1) / fit_cols;
   const int64_t long_blocks = nnz / (32 * std::max<int64_t>(1, n_rows));
@@ -389,7 +424,7 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
   // (n_cols * nt <= nnz / 8). Measured on a 2-core Zen 3, 2 threads: 4096x4096 batch 256, 1% density 4.0 -> 2.9
   // ms; 1000x1000 at 4.5%, batch 100: 404 -> 311 us; 10%: equal. Results are bit-identical either way.
   const bool private_tiles = g_sddmm_tiles ? g_sddmm_tiles == 2 : nt > 1 && n_cols * nt * 8 <= nnz;
-  E* buf = scratch<E>(0, (private_tiles ? std::max(2, nt) : 2) * (n_cols + n_rows) * chunks[0].nv * L);
+  E* buf = scratch<E>(0, (private_tiles ? std::max(2, nt) : 2) * (n_cols + n_rows) * widest * L);
   // The partial sums: dW itself for fp32/fp64; for bf16 an fp32 array (scratch slot 2) that the last tile of the
   // last chunk reads as it writes dW, rounded once. A batch of one tile needs none.
   const bool one_tile = chunks.size() == 1 && chunks[0].nb <= int64_t(chunks[0].nv) * L;
@@ -531,6 +566,8 @@ void bind_kernels(py::module_& m) {
         py::arg("from_bytes"), py::arg("block_bytes"),
         "tuning hook: dX gathers values above from_bytes in row blocks of ~block_bytes of values (negative / <= 0 = "
         "defaults: 12 MiB, 8 MiB)");
+  m.def("_set_merge_tail", [](bool on) { g_merge_tail = on; },
+        "tuning hook: fold a batch remainder of fewer than `lanes` rows into the tile before it (default True)");
   m.def("_set_tile_vectors", [](int nv) { g_nv_override = nv; }, "tuning hook: vectors per batch tile (0 = auto)");
   m.def("_set_spmm_split", [](int mode) { g_spmm_split = mode; },
         "tuning hook: SpMM work split (0 = automatic, 1 = rows of each tile, 2 = whole tiles per thread)");

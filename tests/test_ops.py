@@ -62,7 +62,7 @@ def test_sddmm_column_blocks(block_bytes, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("nv", [1, 2, 4, 8])
+@pytest.mark.parametrize("nv", [1, 2, 3, 4, 5, 8])
 def test_every_tile_width(isa, nv, dtype, gen):
     """The kernels pick the batch tile (nv SIMD vectors per row) from the batch; the tuning hook forces each
     width, so every unrolling of the SpMM and SDDMM loops is checked (batch 70: full tiles and a tail), in every
@@ -73,17 +73,22 @@ def test_every_tile_width(isa, nv, dtype, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("batch", [100, 71, 40, 7])
-def test_batch_in_chunks_of_narrower_tiles(batch, dtype, gen):
-    """A batch that is not a multiple of the widest tile runs as chunks of narrower tiles (fp32 SDDMM: 100 = 64 +
-    32 + 4, 71 = 64 + 7, 40 = 32 + 8; SpMMs: 100 = 96 + 4): later SDDMM chunks add to dW, later dX chunks read
-    the values the first one gathered. Two threads, so that whole-tile and by-row chunks both occur."""
+@pytest.mark.parametrize("batch", [100, 130, 71, 68, 40, 20, 7])
+@pytest.mark.parametrize("merge_tail", [True, False])
+def test_batch_in_chunks_of_narrower_tiles(batch, merge_tail, dtype, gen):
+    """A batch that is not a multiple of the widest tile runs as chunks of narrower tiles, and a remainder of
+    fewer than a vector's lanes joins the tile before it, one vector wider (AVX2 fp32 SDDMM: 100 = 64 + 36 rows in
+    tiles of 8 and 5 vectors, 68 = 32 + 36, 130 = 64 + 32 + 34; SpMMs: 100 = 80 + 20, a last tile of 3 vectors;
+    without the merge 100 = 64 + 32 + 4 and 96 + 4): later SDDMM chunks add to dW, later dX chunks read the values
+    the first one gathered. Two threads, so that whole-tile and by-row chunks both occur."""
     mask = random_mask(45, 38, 0.3, gen, empty_rows=[4], empty_cols=[0, 37])
     old = torch.get_num_threads()
     torch.set_num_threads(2)
+    _C._set_merge_tail(merge_tail)
     try:
         check_mask(mask, batch, dtype, gen)
     finally:
+        _C._set_merge_tail(True)  # the default
         torch.set_num_threads(old)
 
 
