@@ -1,0 +1,34 @@
+"""bench/threads_paired.py: both thread counts in one process, one row per method, ratios to the first count."""
+import importlib.util
+import json
+import os
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("threads_paired", os.path.join(ROOT, "bench", "threads_paired.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_parse_run():
+    tp = load_script()
+    assert tp.parse_run("ctre-eps20:ctre:epsilon=20") == ("ctre-eps20", {"method": "ctre", "epsilon": 20.0})
+    assert tp.parse_run("s:set") == ("s", {"method": "set"})
+
+
+def test_table_and_json(tmp_path, capsys):
+    tp = load_script()
+    out = tmp_path / "tp.json"
+    rc = tp.main(["--dataset", "builtin", "--methods", "set", "--run", "c20:ctre:epsilon=20", "--hidden", "32,32",
+                  "--epochs", "1", "--rounds", "2", "--threads", "1,2", "--json", str(out)])
+    assert rc == 0
+    table = [line for line in capsys.readouterr().out.splitlines() if line.startswith("|")]
+    assert table[0] == "| method | s/epoch, 1 thr | s/epoch, 2 thr | 2 thr / 1 thr |"
+    assert [line.split("|")[1].strip() for line in table[2:]] == ["set", "c20"]
+    rep = json.loads(out.read_text())
+    for name in ("set", "c20"):
+        secs = rep["methods"][name]["epoch_seconds"]
+        assert len(secs["1"]) == 2 and len(secs["2"]) == 2 and all(s > 0 for s in secs["1"] + secs["2"])
