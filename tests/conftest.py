@@ -11,6 +11,18 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
 
+def load_bench_script(name: str):
+    """The module of ``bench/<name>.py`` (the bench scripts are not a package), registered in sys.modules under
+    ``name`` (dataclasses look their module up there)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "bench", name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod
+    spec.loader.exec_module(mod)
+    return mod
+
+
 def random_mask(out_f, in_f, density, gen, empty_rows=(), empty_cols=()):
     """A bool (out, in) mask with the given rows and columns forced empty."""
     m = torch.rand(out_f, in_f, generator=gen) < density

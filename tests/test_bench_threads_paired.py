@@ -1,26 +1,17 @@
 """bench/threads_paired.py: both thread counts in one process, one row per method, ratios to the first count."""
-import importlib.util
 import json
-import os
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("threads_paired", os.path.join(ROOT, "bench", "threads_paired.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+from conftest import load_bench_script
 
 
 def test_parse_run():
-    tp = load_script()
+    tp = load_bench_script("threads_paired")
     assert tp.parse_run("ctre-eps20:ctre:epsilon=20") == ("ctre-eps20", {"method": "ctre", "epsilon": 20.0})
     assert tp.parse_run("s:set") == ("s", {"method": "set"})
 
 
 def test_table_and_json(tmp_path, capsys):
-    tp = load_script()
+    tp = load_bench_script("threads_paired")
     out = tmp_path / "tp.json"
     rc = tp.main(["--dataset", "builtin", "--methods", "set", "--run", "c20:ctre:epsilon=20", "--hidden", "32,32",
                   "--epochs", "1", "--rounds", "2", "--threads", "1,2", "--json", str(out)])

@@ -1,6 +1,5 @@
 """bench/gpu_bench.py without a GPU: arguments, table, JSON, plot, the no-CUDA exit, and a CPU smoke run of the
 whole pipeline (our kernels under the Triton interpreter, tiny sizes)."""
-import importlib.util
 import json
 import os
 
@@ -9,15 +8,12 @@ os.environ.setdefault("TRITON_INTERPRET", "1")  # the smoke run's Triton kernels
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from conftest import load_bench_script  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def gb():
-    spec = importlib.util.spec_from_file_location("gpu_bench", os.path.join(ROOT, "bench", "gpu_bench.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("gpu_bench")
 
 
 def fake_results():

@@ -1,6 +1,5 @@
 """bench/gpu_check.py without a GPU: the stage runner (timeouts that end whole process groups, prerequisites,
 the budget), pytest output parsing, the $OUT limits, the summary, and the dry run on a machine without CUDA."""
-import importlib.util
 import json
 import os
 import subprocess
@@ -9,16 +8,14 @@ import time
 
 import pytest
 
+from conftest import load_bench_script
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
 def gc():
-    spec = importlib.util.spec_from_file_location("gpu_check", os.path.join(ROOT, "bench", "gpu_check.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["gpu_check"] = mod  # dataclasses look their module up there
-    spec.loader.exec_module(mod)
-    return mod
+    return load_bench_script("gpu_check")
 
 
 def py(code):
