@@ -15,17 +15,14 @@ import json
 import statistics
 import sys
 
+from sparsecore.apps.e2e import _parse_run
 from sparsecore.apps.train import train
 
 
 def parse_run(spec: str):
-    """``name:method[:key=value;key=value]`` (as ``bench e2e --run``) -> (name, settings)."""
-    name, method, *rest = spec.split(":")
-    opts = {}
-    for kv in (rest[0].split(";") if rest and rest[0] else []):
-        k, v = kv.split("=")
-        opts[k] = float(v) if k in ("epsilon", "density") else v
-    return name, dict(method=method, **opts)
+    """``LABEL:METHOD[:K=V;K=V...]``, parsed as ``sparsecore bench e2e --run`` parses it -> (label, train settings)."""
+    parsed = _parse_run(spec)
+    return parsed["label"], {k: v for k, v in parsed.items() if k != "label" and v not in (None, {})}
 
 
 def main(argv=None) -> int:
@@ -33,7 +30,7 @@ def main(argv=None) -> int:
     ap.add_argument("--data-dir", default=None, help="where the dataset's files are (not for the builtin set)")
     ap.add_argument("--dataset", default="fashion-mnist")
     ap.add_argument("--methods", default="set,ctre")
-    ap.add_argument("--run", action="append", default=[], help="name:method[:epsilon=20;density=0.1]")
+    ap.add_argument("--run", action="append", default=[], help="LABEL:METHOD[:K=V;K=V...], as bench e2e --run")
     ap.add_argument("--threads", default="1,2")
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=3)

@@ -8,6 +8,8 @@ def test_parse_run():
     tp = load_bench_script("threads_paired")
     assert tp.parse_run("ctre-eps20:ctre:epsilon=20") == ("ctre-eps20", {"method": "ctre", "epsilon": 20.0})
     assert tp.parse_run("s:set") == ("s", {"method": "set"})
+    assert tp.parse_run("g:g2g:groups=8;dst.zeta=0.2") == ("g", {"method": "g2g", "model_options": {"groups": 8},
+                                                               "dst_options": {"zeta": 0.2}})
 
 
 def test_table_and_json(tmp_path, capsys):
