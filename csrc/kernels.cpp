@@ -174,8 +174,14 @@ static int widest_nv(const std::vector<BatchChunk>& chunks) {
 
 static bool g_merge_tail = true;  // tuning hook: _set_merge_tail (false: the remainder gets a pass of its own)
 
-static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bool merge_tail = true) {
-  if (g_nv_override || B <= 0) return {{0, B > 0 ? B : 0, g_nv_override ? g_nv_override : 1}};
+// odd_widths: whether the kernel has tiles of 3 and 5 vectors (not bf16: see above). A forced width (the
+// _set_tile_vectors hook) of 3 or 5 runs as 4 or 8 where it has not.
+static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bool odd_widths = true) {
+  if (g_nv_override || B <= 0) {
+    int nv = g_nv_override ? g_nv_override : 1;
+    if (!odd_widths && (nv == 3 || nv == 5)) nv = nv == 3 ? 4 : 8;
+    return {{0, B > 0 ? B : 0, nv}};
+  }
   std::vector<BatchChunk> chunks;
   for (int64_t b0 = 0; b0 < B;) {
     const int64_t left = B - b0;
@@ -187,7 +193,7 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bo
     b0 += nb;
   }
   // The last chunk is partial only when fewer than `lanes` rows were left (nv 1); fold it into the tile before.
-  if (!(merge_tail && g_merge_tail) || chunks.size() < 2 || chunks.back().nb >= lanes) return chunks;
+  if (!(odd_widths && g_merge_tail) || chunks.size() < 2 || chunks.back().nb >= lanes) return chunks;
   const BatchChunk tail = chunks.back();
   chunks.pop_back();
   const int pnv = chunks.back().nv;
@@ -568,7 +574,14 @@ void bind_kernels(py::module_& m) {
         "defaults: 12 MiB, 8 MiB)");
   m.def("_set_merge_tail", [](bool on) { g_merge_tail = on; },
         "tuning hook: fold a batch remainder of fewer than `lanes` rows into the tile before it (default True)");
-  m.def("_set_tile_vectors", [](int nv) { g_nv_override = nv; }, "tuning hook: vectors per batch tile (0 = auto)");
+  m.def("_set_tile_vectors",
+        [](int nv) {
+          // only the compiled widths: another would run a wider tile than its buffers were sized for
+          require(nv == 0 || nv == 1 || nv == 2 || nv == 3 || nv == 4 || nv == 5 || nv == 8,
+                  "_set_tile_vectors: nv must be 0 (automatic), 1, 2, 3, 4, 5 or 8");
+          g_nv_override = nv;
+        },
+        "tuning hook: vectors per batch tile (0 = auto; 1, 2, 3, 4, 5 or 8; bf16 runs 3 and 5 as 4 and 8)");
   m.def("_set_spmm_split", [](int mode) { g_spmm_split = mode; },
         "tuning hook: SpMM work split (0 = automatic, 1 = rows of each tile, 2 = whole tiles per thread)");
   m.def("_set_sddmm_block_bytes", [](int64_t b) { g_sddmm_block_bytes = b > 0 ? b : default_sddmm_block_bytes(); },

@@ -72,6 +72,13 @@ def test_every_tile_width(isa, nv, dtype, gen):
         check_mask(mask, 70, dtype, gen)
 
 
+def test_tile_width_hook_takes_only_compiled_widths():
+    for nv in (6, 7, 16, -1):
+        with pytest.raises(ValueError, match="nv must be 0"):
+            _C._set_tile_vectors(nv)
+    _C._set_tile_vectors(0)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [100, 130, 71, 68, 40, 20, 7])
 @pytest.mark.parametrize("merge_tail", [True, False])
