@@ -153,7 +153,7 @@ def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor
         _check_index(rowptr)
         out_fm = x_fm if out_fm is None else bool(out_fm) and x.shape[0] > 1 and n_out > 1
         y = _empty(x.shape[0], n_out, x.dtype, out_fm)
-        if bias is not None and not bias.is_contiguous():
+        if bias is not None and not bias.is_contiguous():  # the kernel reads it by address
             bias = bias.contiguous()
         _C.spmm_ptr(_DTYPE_CODE[x.dtype], x.data_ptr(), x.shape[0], x.shape[1], x_fm, rowptr.data_ptr(),
                     col.data_ptr(), _values_ptr(values, col, x.dtype), col.shape[0], 0,
@@ -505,8 +505,6 @@ def sparse_linear(x: Tensor, values: Tensor, pattern: Pattern, bias: Optional[Te
     if not (x2.is_contiguous() or (in_place_layouts and _is_fm(x2))):
         x2 = x2.contiguous()
     values = values if values.is_contiguous() else values.contiguous()
-    if bias is not None and not bias.is_contiguous():  # the kernels read the bias by address
-        bias = bias.contiguous()
     out_fm = (feature_major or _is_fm(x2)) if in_place_layouts else False
     if compiling:
         y = spmm(x2, values, bias, pattern.rowptr, pattern.col, pattern.colptr, pattern.row, pattern.perm, out_f,
