@@ -211,6 +211,29 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bo
   return chunks;
 }
 
+// The last tile of a batch that is not a multiple of its width T (tb < T rows) is computed as the whole tile of the
+// batch's last T rows instead, overlapping the tile before it by T - tb rows: every load of it is then a whole
+// vector in bounds, so a feature-major operand is read in place rather than copied into a zero-padded buffer, and a
+// row-major one is transposed in whole L x L blocks rather than row by row. The padding lanes it replaces cost the
+// same arithmetic. The SpMMs compute each batch row on a lane of its own with the same sums in the same order,
+// so they write the overlapped rows again with the same values (the chunks run one after the other: no two
+// threads write one row at once). The SDDMM sums over the batch, so it zeroes the overlapped lanes of each dY^T
+// tile row as it loads it (the returned `skip`, for the last chunk; sddmm in kernels_impl.h). A batch of fewer
+// than T rows keeps its padded tile. Measured on a 2-core Xeon (AVX-512), 1 thread, CTRE's MLP on Fashion-MNIST
+// shapes at batch 100 (its 0.24%-dense layers read feature-major tiles in place): see docs/BENCHMARKS.md.
+static bool g_shift_tail = true;  // tuning hook: _set_shift_tail (false: the last tile is zero-padded)
+static int shift_last_tile(std::vector<BatchChunk>& chunks, int64_t B, int lanes) {
+  if (!g_shift_tail || chunks.empty()) return 0;
+  const BatchChunk last = chunks.back();
+  const int64_t T = int64_t(last.nv) * lanes;
+  const int64_t part = last.nb % T;
+  if (part == 0 || B < T) return 0;
+  chunks.pop_back();
+  if (last.nb > part) chunks.push_back({last.b0, last.nb - part, last.nv});  // its whole tiles stay as they are
+  chunks.push_back({B - T, T, last.nv});
+  return int(T - part);
+}
+
 // Calls CALL_<ISA>(NV) for the kernel copy of the instruction set `isa` and the vectors per tile row NV. At
 // ISA_AVX512BF16 the fp32/fp64 kernels (and the bf16 SpMM) run the AVX-512 copy.
 #define SC_DISPATCH_NV(NV, CALL_GEN, CALL_AVX, CALL_512)        \
@@ -316,8 +339,9 @@ void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* 
     pe = nullptr;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  const std::vector<BatchChunk> chunks =
+  std::vector<BatchChunk> chunks =
       batch_chunks(B, L, spmm_max_nv(isa, nnz, n_cols, int64_t(sizeof(E)), l2_bytes_per_core()), !is_bf16<E>());
+  shift_last_tile(chunks, B, L);  // its overlapped rows come out the same again: nothing to mask
   const int widest = widest_nv(chunks);
   const bool in_place = fm_in_place(nnz, n_cols);
   // The tiles are stored as E (bf16 tiles for bf16, see BF16_SDDMM_MAX_NV).
@@ -400,9 +424,12 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
     return;
   }
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
-  const std::vector<BatchChunk> chunks =
+  std::vector<BatchChunk> chunks =
       batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, nnz, n_cols, l2_bytes_per_core()),
                    !is_bf16<E>());
+  // bf16 tiles keep the zero-padded last tile (their dY^T rows are widened by pairs or multiplied by vdpbf16ps,
+  // which keep_only does not mask).
+  const int skip = is_bf16<E>() ? 0 : shift_last_tile(chunks, B, L);
   const int widest = widest_nv(chunks);
   const bool in_place = fm_in_place(nnz, n_cols);
   // Column blocks whose slice of the transposed X tile fits the budget (one core's L2 holds it, next to the
@@ -441,7 +468,8 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
     const E* xc = x_fm ? xp + c.b0 : xp + c.b0 * n_cols;
     const int64_t ldy = dy_fm ? B : n_rows, ldx = x_fm ? B : n_cols;
     const bool accumulate = c.b0 > 0, finish = ic + 1 == chunks.size();
-#define SC_SDDMM_ARGS (yc, ldy, dy_fm, xc, ldx, x_fm, in_place, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, buf, accumulate, finish, private_tiles)
+    const int c_skip = finish ? skip : 0;
+#define SC_SDDMM_ARGS (yc, ldy, dy_fm, xc, ldx, x_fm, in_place, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, buf, accumulate, finish, private_tiles, c_skip)
 #define GEN(N) generic::sddmm<S, E, E, N> SC_SDDMM_ARGS
 #ifdef SC_HAVE_AVX2
 #define AVX(N) avx2::sddmm<S, E, E, N> SC_SDDMM_ARGS
@@ -572,6 +600,8 @@ void bind_kernels(py::module_& m) {
         py::arg("from_bytes"), py::arg("block_bytes"),
         "tuning hook: dX gathers values above from_bytes in row blocks of ~block_bytes of values (negative / <= 0 = "
         "defaults: 12 MiB, 8 MiB)");
+  m.def("_set_shift_tail", [](bool on) { g_shift_tail = on; },
+        "tuning hook: compute a batch's partial last tile as the whole tile of its last rows (default True)");
   m.def("_set_merge_tail", [](bool on) { g_merge_tail = on; },
         "tuning hook: fold a batch remainder of fewer than `lanes` rows into the tile before it (default True)");
   m.def("_set_tile_vectors",

@@ -622,6 +622,11 @@ struct DyRow {
     else
       for (int i = 0; i < NV; ++i) v[i] = vload_as<S>(p + i * L);
   }
+  // Zero the lanes that `keep` (see tile_keep_mask) clears: bitwise, so an inf or NaN there goes too.
+  template <class M>
+  void keep_only(const M* keep) {
+    for (int i = 0; i < NV; ++i) v[i] = (V<S>)((M)v[i] & keep[i]);
+  }
   // <dy, x> as one vector of partial sums (two accumulators: one FMA chain would be latency bound).
   V<S> dot(const TE* x) const {
     if constexpr (PAIRS) {
@@ -683,6 +688,23 @@ struct DyRow<float, sc::bf16, NV> {
 };
 #endif
 
+// Lane masks of a tile row whose first `skip` batch rows belong to the tile before it (the last tile of a batch,
+// shifted to end at the batch's end: see shift_last_tile in kernels.cpp): all ones on the lanes the SDDMM sums,
+// zero on the first `skip`. Integer vectors of S's width, for DyRow::keep_only.
+template <class S>
+struct KeepMaskT {
+  typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type I;
+  typedef I v __attribute__((vector_size(SC_VBYTES)));
+};
+template <class S>
+using KeepMask = typename KeepMaskT<S>::v;
+template <class S, int NV>
+inline void tile_keep_mask(int skip, KeepMask<S>* keep) {
+  constexpr int L = lanes<S>();
+  for (int i = 0; i < NV; ++i)
+    for (int l = 0; l < L; ++l) keep[i][l] = i * L + l < skip ? 0 : -1;
+}
+
 // Four sums reduced to a 4-lane vector r, written to dW entries [k, k+n): r plus the previous partial sums in
 // dacc (unless `first`), kept in dacc in S, or with `last` written to dout as E (rounded once, for bf16). With E = S
 // dout is dacc and `last` changes nothing.
@@ -737,13 +759,19 @@ inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, int64_t ldt,
 // Types: dY and X are stored as E, the tile buffers (buf) as TE, the sums are in S. The partial sums of dW live in
 // dacc (S, nnz); with `finish`, the last tile adds its share and writes dout (E, nnz) instead, rounded once for
 // bf16 (for E = S the caller passes dout = dacc).
+//
+// skip: the first `skip` batch rows of the first tile were summed by the call before (a last tile shifted back to
+// end at the batch's end, see shift_last_tile in kernels.cpp): their lanes of each dY^T tile row are zeroed as the
+// row is loaded, once per row, so every load of the tiles stays a whole vector. Not for bf16 tiles (0 there).
 template <class S, class E, class TE, int NV>
 void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B,
            int64_t n_rows, int64_t n_cols, const int32_t* rp, const int32_t* col, S* dacc, E* dout,
            const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg, TE* buf, bool accumulate, bool finish,
-           bool private_tiles) {
+           bool private_tiles, int skip) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
+  KeepMask<S> keep[NV];
+  tile_keep_mask<S, NV>(skip, keep);
   TE* Xt[2] = {buf, buf + (n_cols + n_rows) * T};
   TE* Yt[2] = {Xt[0] + n_cols * T, Xt[1] + n_cols * T};
 #pragma omp parallel num_threads(nt)
@@ -779,6 +807,7 @@ void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x
 #pragma omp barrier
       }
       const bool first = b0 == 0 && !accumulate, last = finish && b0 + T >= B;
+      const bool masked = b0 == 0 && skip > 0;
       for (int p = tid; p < nt; p += nth) {
         for (int64_t q = 0; q < n_blocks; ++q) {
           for (int64_t j = split[p]; j < split[p + 1]; ++j) {
@@ -786,6 +815,9 @@ void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x
             if (sj[q] == sj[q + 1]) continue;
             DyRow<S, TE, NV> dy;
             dy.load(yt.p + j * yt.ld);
+            if constexpr (!sc::is_bf16<TE>()) {
+              if (masked) dy.keep_only(keep);
+            }
             sddmm_segment<S, E, TE, NV>(dy, xt.p, xt.ld, col, sj[q], sj[q + 1], first, last, dacc, dout);
           }
         }

@@ -15,7 +15,7 @@ import torch
 from sparsecore import _C
 from sparsecore.pattern import Pattern
 
-from conftest import check_step_vs_reference, isa_supported, random_mask
+from conftest import check_step_vs_reference, isa_supported, random_mask, reference
 
 # The `isa` fixture (conftest) runs a test under each instruction set the CPU supports; test_ops.py's
 # test_every_tile_width uses it too, for every tile width of every copy.
@@ -136,3 +136,80 @@ def test_release_scratch_returns_large_buffers_to_the_system(gen):
     freed = held - rss_kb()
     assert freed >= 1024, f"release_scratch freed {freed} KiB"
     assert torch.equal(_spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 700, 1), before)
+
+
+# ----------------------------------------------------------------------------------------------- shifted last tile
+# A batch that is not a multiple of its last tile's width T computes that tile as the whole tile of its last T rows
+# (overlapping the tile before it; kernels.cpp, shift_last_tile): the SpMMs write the overlapped rows again with
+# the same values, the SDDMM masks them out of its sums. Batches 100 and 131 shift under every copy; 40 (one tile
+# wider than the batch) cannot; the forced 1-vector tiles split a chunk of several tiles.
+@pytest.fixture
+def shift_tail(request):
+    _C._set_shift_tail(request.param)
+    try:
+        yield request.param
+    finally:
+        _C._set_shift_tail(True)
+
+
+@pytest.mark.parametrize("shift_tail", [True, False], indirect=True)
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("batch", [40, 100, 131])
+@pytest.mark.parametrize("layout", ["row-major", "feature-major in place", "feature-major copied"])
+@pytest.mark.parametrize("tile_vectors", [0, 1])
+def test_shifted_last_tile_per_isa(isa, shift_tail, threads, batch, layout, tile_vectors, gen):
+    """The three kernels against the float64 reference with the last tile shifted or zero-padded, in each layout
+    and copy; the SpMMs give the same bits either way (each batch row is summed on a lane of its own)."""
+    from sparsecore.ops import _sddmm_impl, _spmm_impl, _spmm_t_impl, feature_major
+
+    mask = random_mask(37, 45, 0.1, gen, empty_rows=[2], empty_cols=[7])
+    mask[5, 3] = True
+    p = Pattern.from_mask(mask)
+    w = torch.randn(37, 45, generator=gen, dtype=torch.float64) * mask
+    v = p.gather(w).float()
+    b = torch.randn(37, generator=gen)
+    x, dy = torch.randn(batch, 45, generator=gen), torch.randn(batch, 37, generator=gen)
+    if layout != "row-major":
+        x, dy = feature_major(x), feature_major(dy)
+    _C._set_fm_in_place_reads(-1 if layout == "feature-major in place" else 0)
+    _C._set_tile_vectors(tile_vectors)
+    try:
+        y = _spmm_impl(x, v, b, p.rowptr, p.col, 37, 1)
+        dx = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1)
+        dw = _sddmm_impl(dy, x, p.rowptr, p.col, 1)
+        _C._set_shift_tail(not shift_tail)
+        y_other = _spmm_impl(x, v, b, p.rowptr, p.col, 37, 1)
+        dx_other = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1)
+    finally:
+        _C._set_shift_tail(shift_tail)
+        _C._set_fm_in_place_reads(-1)
+        _C._set_tile_vectors(0)
+    y_ref, dx_ref, dw_ref, _ = reference(x.detach(), p.to_dense(v), b, dy)
+    t = {"rtol": 1e-5, "atol": 1e-5}
+    torch.testing.assert_close(y.double(), y_ref.detach(), **t)
+    torch.testing.assert_close(dx.double(), dx_ref, **t)
+    torch.testing.assert_close(dw.double(), p.gather(dw_ref), **t)
+    assert torch.equal(y, y_other) and torch.equal(dx, dx_other)
+
+
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("layout", ["row-major", "feature-major"])
+def test_shifted_last_tile_masks_inf_in_the_overlap(isa, threads, layout, gen):
+    """The SDDMM zeroes the overlapped rows of dY bitwise, not by multiplying: an inf in a dY row that the shifted
+    tile overlaps is summed once, by the tile before it, and never turns the sums of other entries into NaN."""
+    from sparsecore.ops import _sddmm_impl, feature_major
+
+    mask = random_mask(20, 24, 0.3, gen, empty_rows=[1], empty_cols=[2])
+    p = Pattern.from_mask(mask)
+    batch = 100  # the shifted last tile overlaps rows 52..63 (AVX-512) or 60..63 (AVX2); the portable copy's
+    # tiles divide 100
+    x, dy = torch.randn(batch, 24, generator=gen), torch.randn(batch, 20, generator=gen)
+    dy[61, 3] = float("inf")
+    if layout == "feature-major":
+        x, dy = feature_major(x), feature_major(dy)
+    dw = _sddmm_impl(dy, x, p.rowptr, p.col, 1)
+    ref = p.gather(dy.double().T @ x.double())
+    assert torch.equal(torch.isinf(dw), torch.isinf(ref)) and torch.equal(torch.isnan(dw), torch.isnan(ref))
+    finite = torch.isfinite(ref)
+    assert finite.sum() > 0 and (~finite).sum() > 0
+    torch.testing.assert_close(dw.double()[finite], ref[finite], rtol=1e-5, atol=1e-5)
