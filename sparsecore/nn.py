@@ -502,7 +502,7 @@ def _replace(model: nn.Module, name: str, new: nn.Module) -> None:
 def sparsify(model: nn.Module, density: Optional[float] = None, *, method: str = "uniform",
              epsilon: Optional[float] = None, skip: Iterable = (), layout: Optional[str] = None,
              block_size: Optional[int] = None, attention: str = "dense",
-             generator: Optional[torch.Generator] = None) -> nn.Module:
+             generator: Optional[torch.Generator] = None, fuse: bool = True) -> nn.Module:
     """Replace every ``nn.Linear`` of ``model`` (in place) by a :class:`SparseLinear`; returns ``model``.
 
     method: ``"uniform"`` (random, ``density``), ``"er"`` (Erdos-Renyi, ``epsilon``: epsilon*(in+out)
@@ -514,6 +514,10 @@ def sparsify(model: nn.Module, density: Optional[float] = None, *, method: str =
     ``"sparse"`` replaces it by :class:`sparsecore.SparseMultiheadAttention` with its weights (q, k, v and out
     projections sparse by ``method``). Any other parent module whose code reads ``self.<child>.weight`` keeps that
     child dense, with the same warning.
+    fuse: every plain ``nn.Sequential`` that then holds a SparseLinear becomes a
+    :class:`sparsecore.SparseSequential` (the same object, children, ``state_dict`` keys and results), which trains
+    each run of ``SparseLinear -> ReLU -> ... -> SparseLinear`` through one autograd node: on small layers a step is
+    mostly per-layer fixed costs (see :mod:`sparsecore.chain`). ``fuse=False`` leaves the containers as they are.
     """
     from . import topology
     from .attention import SparseMultiheadAttention
@@ -559,6 +563,8 @@ def sparsify(model: nn.Module, density: Optional[float] = None, *, method: str =
         if skipped("", model):
             return model
         return _sparse_from(model, method, density, epsilon, bs, generator)
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {fuse!r}")
 
     # attention blocks first: with attention="sparse" their projections become sparse with the block
     if attention == "sparse":
@@ -589,7 +595,21 @@ def sparsify(model: nn.Module, density: Optional[float] = None, *, method: str =
         densities = topology.erk_densities([(m.out_features, m.in_features) for _, m in targets], density)
     for (name, lin), d in zip(targets, densities):
         _replace(model, name, _sparse_from(lin, method, d, epsilon, bs, generator))
+    if fuse:
+        _fuse_sequentials(model)
     return model
+
+
+def _fuse_sequentials(model: nn.Module) -> None:
+    """Make every plain ``nn.Sequential`` of ``model`` with a SparseLinear child a SparseSequential, in place: the
+    object's class is swapped (as ``torch.nn.utils.parametrize`` does), so references to it, its hooks and its
+    attributes stay valid."""
+    from .chain import SparseSequential
+
+    for m in model.modules():
+        if type(m) is nn.Sequential and any(isinstance(c, SparseLinear) for c in m.children()):
+            m.__class__ = SparseSequential
+            m.fused = True
 
 
 def _sparse_from(lin: nn.Linear, method: str, density: Optional[float], epsilon: Optional[float], bs: int,

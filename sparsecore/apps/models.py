@@ -61,6 +61,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import torch
 from torch import nn
 
+from ..chain import SparseSequential
 from ..nn import SparseLinear
 from ..pattern import Pattern
 
@@ -116,8 +117,9 @@ def _check_method(method) -> str:
     return method
 
 
-class MLP(nn.Sequential):
-    """``Linear -> ReLU -> ... -> Linear`` with some linear layers sparse (:class:`SparseLinear`).
+class MLP(SparseSequential):
+    """``Linear -> ReLU -> ... -> Linear`` with some linear layers sparse (:class:`SparseLinear`); its runs of sparse
+    layers train through one autograd node each (:class:`~sparsecore.SparseSequential`).
 
     Attributes: ``method`` (the name it was built for), ``widths`` (``[in, *hidden, classes]``), ``info``
     (a JSON-serialisable record of how each layer was built).

@@ -258,8 +258,11 @@ class Updater:
         self.bad_epochs = 0
         self.history: List[dict] = []  # one record per layer and update
 
-        # ---- hooks
-        self._handles = []
+        # ---- hooks. The recording hooks on the layers are registered only for the forward passes that record
+        # (_sync_hooks): a layer without hooks can run inside a fused chain (sparsecore.SparseSequential).
+        self._handles = []        # permanent (the DDP wrapper's finder)
+        self._layer_hooks = []    # (layer, hook) pairs of the recording hooks
+        self._layer_handles = []  # their handles while registered
         self._stats: List[Optional[ActivationStats]] = [None] * len(self.layers)
         self._res_gen = torch.Generator().manual_seed(E.derive_seed(self.seed, E.RESERVOIR))
         self._armed = False
@@ -278,10 +281,10 @@ class Updater:
             for i, l in enumerate(self.layers):
                 self._stats[i] = ActivationStats(l.in_features, l.out_features, m_rank, self._res_gen,
                                                  mode=opts["stats"])
-                self._handles.append(l.register_forward_hook(self._stats_hook(i)))
+                self._layer_hooks.append((l, self._stats_hook(i)))
         if method == "rigl":
             for i, l in enumerate(self.layers):
-                self._handles.append(l.register_forward_hook(self._capture_hook(i)))
+                self._layer_hooks.append((l, self._capture_hook(i)))
             if self.per_epoch and not self.steps_per_epoch:
                 self._armed = True  # epoch ends are not known in advance: keep the last batch of every step
             else:
@@ -291,6 +294,7 @@ class Updater:
         self._ddp = None
         if self._comm is not None:
             self._init_distributed(ddp)
+        self._sync_hooks()
 
     # ------------------------------------------------------------------ training-loop interface
     def step(self) -> bool:
@@ -312,15 +316,16 @@ class Updater:
                 self.update()
                 did = True
         self._arm_if_next_updates()
+        self._sync_hooks()
         return did
 
     def epoch_end(self) -> bool:
         """Call at the end of every epoch. Rewires when the schedule is per epoch (and this is not the last epoch).
         Does nothing with ``steps_per_epoch`` (epochs are then counted by :meth:`step`). Returns True when it
         rewired."""
-        if self.per_epoch and not self.steps_per_epoch:
-            return self._epoch_tick()
-        return False
+        did = self._epoch_tick() if self.per_epoch and not self.steps_per_epoch else False
+        self._sync_hooks()
+        return did
 
     def report_validation(self, accuracy: float) -> None:
         """Report the validation accuracy of the epoch (``ctre_seq`` switches to random regrowth after ``patience``
@@ -333,16 +338,51 @@ class Updater:
         if (self.method == "ctre" and self.opts["variant"] == "ctre_seq" and self.phase == "cosine"
                 and self.bad_epochs >= self.opts["patience"]):
             self.phase = "random"
+        self._sync_hooks()
 
     def arm(self) -> None:
         """Record for a hand-called :meth:`update`: RigL keeps the layer inputs and output gradients of the next
         forward/backward; CTRE/G2G window statistics record every training forward from now on."""
         self._armed = True
+        self._sync_hooks()
 
     def remove_hooks(self) -> None:
-        for h in self._handles:
+        """Detach the Updater from the model: its hooks are removed for good (nothing records any more)."""
+        for h in self._handles + self._layer_handles:
             h.remove()
-        self._handles = []
+        self._handles, self._layer_handles, self._layer_hooks = [], [], []
+
+    def _hooks_wanted(self) -> bool:
+        """Whether the next training forward must run the layers' recording hooks: RigL's while armed, CTRE/G2G's
+        while their statistics record (reservoir: always; window: in the steps that fill it; full: during the
+        Updater's own pass). The hooks check the same conditions themselves, so this may only err towards True."""
+        if not self._layer_hooks:
+            return False
+        if self.method == "rigl":
+            return self._armed
+        if self.method == "ctre" and self.phase == "random":
+            return False
+        for st in self._stats:
+            if st is None:
+                continue
+            if st.mode == "reservoir" or (st.mode == "full" and self._collecting):
+                return True
+            # one step early as well: registering too soon costs a hook call, too late a missing batch
+            if st.mode == "window" and (self._window_steps is None or self._window_open() or self._window_open(1)):
+                return True
+        return False
+
+    def _sync_hooks(self) -> None:
+        """Register the recording hooks when the next forward needs them, remove them when it does not. Called
+        wherever the answer can change: construction, step, epoch_end, report_validation, arm, update, loading
+        a state, and around the stats="full" pass."""
+        wanted = self._hooks_wanted()
+        if wanted and not self._layer_handles:
+            self._layer_handles = [l.register_forward_hook(h) for l, h in self._layer_hooks]
+        elif not wanted and self._layer_handles:
+            for h in self._layer_handles:
+                h.remove()
+            self._layer_handles = []
 
     # ------------------------------------------------------------------ schedule internals
     def _epoch_tick(self) -> bool:
@@ -430,13 +470,13 @@ class Updater:
                 st.add(inputs[0], self._acts[i](output.detach()))
         return hook
 
-    def _window_open(self) -> bool:
-        """Whether the coming step is one of the last ``_window_steps`` before a scheduled update (window
-        statistics need only those). True when the next update is not known in advance (epochs ended by
-        :meth:`epoch_end`) or after :meth:`arm`."""
+    def _window_open(self, ahead: int = 0) -> bool:
+        """Whether the coming step (or the one ``ahead`` steps after it) is one of the last ``_window_steps`` before
+        a scheduled update (window statistics need only those). True when the next update is not known in advance
+        (epochs ended by :meth:`epoch_end`) or after :meth:`arm`."""
         if self._armed:
             return True
-        t_next = self.t + 1  # the step whose forward pass is running
+        t_next = self.t + 1 + ahead  # the step whose forward pass is running
         if self.per_epoch:
             if not self.steps_per_epoch:
                 if not self.epoch_length:
@@ -518,6 +558,7 @@ class Updater:
         self.costs.append({"update": self.n_updates - 1, "step": self.t, "seconds": time.perf_counter() - t0,
                            "comm_bytes": c1[0] - c0[0], "comm_calls": c1[1] - c0[1],
                            "comm_seconds": c1[2] - c0[2], "score_exchange": list(self._exchange)})
+        self._sync_hooks()
 
     @torch.no_grad()
     def _collect_full(self) -> None:
@@ -531,11 +572,13 @@ class Updater:
         was = self.model.training
         self.model.train()  # the hooks record training-mode forwards; no dropout/batch-norm in these MLPs
         self._collecting = True
+        self._sync_hooks()
         try:
             for xb in self.stats_source():
                 self.model(xb)
         finally:
             self._collecting = False
+            self._sync_hooks()
             self.model.train(was)
 
     def _seed(self, i: int, tag: int) -> int:
@@ -899,6 +942,7 @@ class Updater:
                 s.load_state_dict(st)
         self._x = [None] * len(self.layers)
         self._dy = [None] * len(self.layers)
+        self._sync_hooks()
 
     def __repr__(self) -> str:
         sched = "per epoch" if self.per_epoch else f"every {self.every} steps"
