@@ -67,4 +67,15 @@ inline int threads_for_work(int n, int64_t work) {
   return most < nt ? (most < 1 ? 1 : int(most)) : nt;
 }
 
+// What the SpMMs apply to each finished output before storing it (sparsecore.SparseSequential fuses a layer's ReLU
+// into its forward, and the ReLU before a layer into that layer's dX): `relu`, y < 0 -> 0 with NaN and -0.0 kept,
+// as torch.relu; `mask`, y -> 0 where mask <= 0 (a NaN mask keeps y), as aten::threshold_backward(y, mask, 0).
+// mask is stored as E in Y's layout, feature-major only (rows ldy apart, offset to the call's first batch row).
+// Rounding a bf16 output after either gives what rounding before it gives.
+template <class E>
+struct Epilogue {
+  bool relu;
+  const E* mask;
+};
+
 }  // namespace sc

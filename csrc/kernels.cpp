@@ -305,10 +305,11 @@ static Arr<A> exact_array(const py::object& obj, const char* what) {
 // The work of spmm_py and spmm_ptr on checked arguments. E: the storage type (float, double or bf16). X (B, n_cols)
 // or with x_fm (n_cols, B); Y (B, n_rows) or with out_fm (n_rows, B); rp (n_rows + 1), ci and val (nnz); pe (nnz) or
 // null; bias (n_rows) or null. The caller has released the GIL.
+// relu, mask: the epilogue (kernels_impl.h, Epilogue); mask (the same layout as Y) needs out_fm.
 template <class E>
 void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* rp, const int32_t* ci,
               const E* val, int64_t nnz, const int32_t* pe, const E* bias, E* yp, int64_t n_rows, bool out_fm,
-              int nthreads) {
+              int nthreads, bool relu = false, const E* mask = nullptr) {
   typedef typename compute_of<E>::type S;  // as the kernels compute: float for bf16
   const int nt = threads_for_work(nthreads, nnz * B);
   const int isa = kernel_isa();
@@ -357,7 +358,8 @@ void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* 
     const E* xc = x_fm ? xp + c.b0 : xp + c.b0 * n_cols;
     E* yc = out_fm ? yp + c.b0 : yp + c.b0 * n_rows;
     const int64_t ldx = x_fm ? B : n_cols, ldy = out_fm ? B : n_rows;
-#define SC_SPMM_ARGS (xc, ldx, x_fm, in_place, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, ldy, split.data(), nt, buf, by_tile)
+    const Epilogue<E> ep{relu, mask ? mask + c.b0 : nullptr};
+#define SC_SPMM_ARGS (xc, ldx, x_fm, in_place, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, ldy, split.data(), nt, buf, by_tile, ep)
 #define GEN(N) (out_fm ? generic::spmm<S, E, E, N, true> SC_SPMM_ARGS : generic::spmm<S, E, E, N, false> SC_SPMM_ARGS)
 #ifdef SC_HAVE_AVX2
 #define AVX(N) (out_fm ? avx2::spmm<S, E, E, N, true> SC_SPMM_ARGS : avx2::spmm<S, E, E, N, false> SC_SPMM_ARGS)
@@ -533,13 +535,14 @@ static void check_ptr_args(const char* name, int dtype, int64_t B, int64_t n_row
 
 static void spmm_ptr(int dtype, uintptr_t x, int64_t B, int64_t n_cols, bool x_fm, uintptr_t rowptr, uintptr_t col,
                      uintptr_t values, int64_t nnz, uintptr_t perm, uintptr_t bias, uintptr_t y, int64_t n_rows,
-                     bool out_fm, int nthreads) {
+                     bool out_fm, int nthreads, bool relu, uintptr_t mask) {
   check_ptr_args("spmm_ptr", dtype, B, n_rows, n_cols, nnz, rowptr, col);
   require(B == 0 || n_rows == 0 || (y != 0 && (n_cols == 0 || x != 0)), "spmm_ptr: missing x or y");
+  require(mask == 0 || out_fm, "spmm_ptr: a mask needs a feature-major output");
   py::gil_scoped_release nogil;
   const int32_t *rp = at<const int32_t>(rowptr), *ci = at<const int32_t>(col), *pe = at<const int32_t>(perm);
 #define SC_RUN(E) spmm_run<E>(at<const E>(x), B, n_cols, x_fm, rp, ci, at<const E>(values), nnz, pe, at<const E>(bias), \
-                              at<E>(y), n_rows, out_fm, nthreads)
+                              at<E>(y), n_rows, out_fm, nthreads, relu, at<const E>(mask))
   if (dtype == 0) SC_RUN(float);
   else if (dtype == 1) SC_RUN(double);
   else SC_RUN(sc::bf16);
@@ -562,7 +565,12 @@ static void sddmm_ptr(int dtype, uintptr_t dy, uintptr_t x, int64_t B, int64_t n
 void bind_kernels(py::module_& m) {
   m.def("spmm_ptr", &spmm_ptr,
         "spmm by address (sparsecore.ops): (dtype, x, B, n_cols, x_fm, rowptr, col, values, nnz, perm or 0, bias or "
-        "0, y, n_rows, out_fm, nthreads); no layout checks: callers pass checked tensors");
+        "0, y, n_rows, out_fm, nthreads, relu=False, mask=0); relu: y = max(y, 0) as torch.relu; mask (the address "
+        "of a tensor laid out as y, feature-major y only): y = 0 where mask <= 0, as threshold_backward; no layout "
+        "checks: callers pass checked tensors",
+        py::arg("dtype"), py::arg("x"), py::arg("B"), py::arg("n_cols"), py::arg("x_fm"), py::arg("rowptr"),
+        py::arg("col"), py::arg("values"), py::arg("nnz"), py::arg("perm"), py::arg("bias"), py::arg("y"),
+        py::arg("n_rows"), py::arg("out_fm"), py::arg("nthreads"), py::arg("relu") = false, py::arg("mask") = 0);
   m.def("sddmm_ptr", &sddmm_ptr,
         "sddmm by address (sparsecore.ops): (dtype, dy, x, B, n_rows, n_cols, dy_fm, x_fm, rowptr, col, nnz, out, "
         "nthreads); no layout checks: callers pass checked tensors");

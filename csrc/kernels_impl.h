@@ -419,17 +419,29 @@ inline TileView<S, E, TE> tile_view(const E* X, int64_t ldx, bool fm, int64_t b0
   return {buf, T};
 }
 
+// The SpMMs' epilogue (sc::Epilogue, common.h): a ReLU and/or a ReLU-backward mask on each finished output.
+template <class E>
+using Epilogue = sc::Epilogue<E>;
+
+template <class S>
+inline V<S> relu_v(V<S> o) { return o < V<S>{} ? V<S>{} : o; }
+
 // Y[j*ldy + b0 + t] = a[t] (+ b) for t < tb: one finished output row written straight into a feature-major Y
-// (rounded once for bf16).
+// (rounded once for bf16), through the epilogue; m: the mask's row (or null).
 template <class S, class E, int NV>
-inline void store_row_fm(const V<S>* a, S b, E* y, int tb) {
+inline void store_row_fm(const V<S>* a, S b, E* y, int tb, bool relu, const E* m) {
   constexpr int L = lanes<S>();
   for (int v = 0; v < NV; ++v) {
-    const V<S> o = a[v] + b;
+    V<S> o = a[v] + b;
+    if (relu) o = relu_v<S>(o);
     if ((v + 1) * L <= tb) {
+      if (m) o = vload_as<S>(m + v * L) <= V<S>{} ? V<S>{} : o;
       vstore_as<S>(y + v * L, o);
     } else {
-      for (int t = v * L; t < tb; ++t) y[t] = sc::from_compute<E>(o[t - v * L]);
+      for (int t = v * L; t < tb; ++t) {
+        const S ot = o[t - v * L];
+        y[t] = sc::from_compute<E>(m && sc::to_compute<S>(m[t]) <= S(0) ? S(0) : ot);
+      }
       break;
     }
   }
@@ -465,7 +477,7 @@ constexpr int64_t GATHER_AHEAD = 64;
 template <class S, class E, class TE, int NV, bool GATHER, bool FMY>
 inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, const int32_t* perm, E* gval,
                       const TE* Xt, int64_t ldt, const E* bias, E* Y, int64_t ldy, int64_t b0, int tb, int64_t r0,
-                      int64_t r1) {
+                      int64_t r1, Epilogue<E> ep) {
   constexpr int L = lanes<S>();
   constexpr int T = NV * L;
   alignas(64) S ob[FMY ? 1 : ROW_BLOCK * T];  // row-major Y: outputs of up to ROW_BLOCK rows, stored together
@@ -513,11 +525,11 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
     tile_row_order<S, TE, NV>(a);
     const S b = bias ? sc::to_compute<S>(bias[j]) : S(0);
     if constexpr (FMY) {
-      store_row_fm<S, E, NV>(a, b, Y + j * ldy + b0, tb);
+      store_row_fm<S, E, NV>(a, b, Y + j * ldy + b0, tb, ep.relu, ep.mask ? ep.mask + j * ldy + b0 : nullptr);
       continue;
     }
-    for (int v = 0; v < NV; ++v) {
-      const V<S> o = a[v] + b;
+    for (int v = 0; v < NV; ++v) {  // (a row-major Y takes no mask: spmm_run refuses one)
+      const V<S> o = ep.relu ? relu_v<S>(a[v] + b) : a[v] + b;
       __builtin_memcpy(ob + nr * T + v * L, &o, sizeof(o));
     }
     if (++nr == ROW_BLOCK) {
@@ -547,7 +559,7 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
 template <class S, class E, class TE, int NV, bool FMY>
 void spmm(const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B, int64_t n_cols, const int32_t* rp,
           const int32_t* col, const E* values, const int32_t* perm, E* gval, int64_t n_rows, const E* bias, E* Y,
-          int64_t ldy, const int64_t* split, int nt, TE* buf, bool by_tile) {
+          int64_t ldy, const int64_t* split, int nt, TE* buf, bool by_tile, Epilogue<E> ep) {
   constexpr int T = NV * lanes<S>();
   const int64_t n_tiles = (B + T - 1) / T;
   const int64_t head = by_tile ? (perm ? 1 : 0) : n_tiles;              // tiles [0, head) by rows
@@ -572,13 +584,13 @@ void spmm(const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B, int64_t 
       for (int p = tid; p < nt; p += nth) {
         if (!perm)
           spmm_rows<S, E, TE, NV, false, FMY>(rp, col, values, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb,
-                                              split[p], split[p + 1]);
+                                              split[p], split[p + 1], ep);
         else if (n == 0)
           spmm_rows<S, E, TE, NV, true, FMY>(rp, col, values, perm, gval, xt.p, xt.ld, bias, Y, ldy, b0, tb,
-                                             split[p], split[p + 1]);
+                                             split[p], split[p + 1], ep);
         else
           spmm_rows<S, E, TE, NV, false, FMY>(rp, col, gval, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb,
-                                              split[p], split[p + 1]);
+                                              split[p], split[p + 1], ep);
       }
       if (x_fm) {  // the next tile's copy may reuse `own`: no thread may still read this one (rows of other threads)
 #pragma omp barrier
@@ -596,7 +608,7 @@ void spmm(const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B, int64_t 
         const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
         const TileView<S, E, TE> xt = tile_view<S>(X, ldx, x_fm, b0, tb, T, 0, n_cols, own, in_place);
         spmm_rows<S, E, TE, NV, false, FMY>(rp, col, val, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb, 0,
-                                            n_rows);
+                                            n_rows, ep);
       }
       // The tail tiles reuse the shared buffers, which overlap the per-thread ones.
       if (head + n_whole < n_tiles) {

@@ -104,9 +104,7 @@ class _RunFunction(torch.autograd.Function):
         for k, link in enumerate(links):
             p = link.pattern
             h = _spmm_impl(h, params[2 * k], params[2 * k + 1], p.rowptr, p.col, p.shape[0], p.block_size,
-                           link.out_fm(h))
-            if link.relu:
-                h = h.relu_()  # the kernel's fresh output: nothing else holds it
+                           link.out_fm(h), relu=link.relu)  # the ReLU in the kernel's stores where it can
             acts.append(h)
         ctx.links = links
         # Saved for backward, so the engine frees them after it as it frees any node's: the input, the output (with
@@ -129,8 +127,8 @@ class _RunFunction(torch.autograd.Function):
         for k in range(len(links) - 1, -1, -1):
             link = links[k]
             p = link.pattern
-            if link.relu:  # the ReLU's backward, from its output (> 0 exactly where its input was)
-                dy = torch.ops.aten.threshold_backward(dy, acts[k + 1], 0)
+            if link.relu and k == len(links) - 1:  # the ReLU's backward, from its output (> 0 where its input was);
+                dy = torch.ops.aten.threshold_backward(dy, acts[k + 1], 0)  # inner ones: in the dX below
             dy = _grad_layout(dy, p.block_size)
             if needs[2 + 2 * k]:
                 grads[2 * k] = _sddmm_impl(dy, acts[k], p.rowptr, p.col, p.block_size)
@@ -139,8 +137,9 @@ class _RunFunction(torch.autograd.Function):
             if k == 0 and not needs[0]:
                 dy = None
                 break
+            relu_before = k > 0 and links[k - 1].relu
             dy = _spmm_t_impl(dy, params[2 * k], p.colptr, p.row, p.perm, p.shape[1], p.block_size,
-                              _is_fm(acts[k]))
+                              _is_fm(acts[k]), mask=acts[k] if relu_before else None)
         return (dy, None, *grads)
 
 

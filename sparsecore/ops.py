@@ -137,15 +137,18 @@ def _bias_ptr(bias: Optional[Tensor], n_out: int, dtype: torch.dtype) -> int:
 
 
 def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, n_out: int,
-               block_size: int, out_fm: Optional[bool] = None) -> Tensor:
-    """y (B, n_out) = x W^T + bias. On the C++ CSR kernels x may be row-major or feature-major, and y is
-    feature-major when ``out_fm`` is true (default: x's layout); elsewhere both are row-major."""
+               block_size: int, out_fm: Optional[bool] = None, relu: bool = False) -> Tensor:
+    """y (B, n_out) = x W^T + bias, then ReLU'd with ``relu`` (as torch.relu: NaN and -0.0 kept; fused into the
+    C++ CSR kernels' stores). On the C++ CSR kernels x may be row-major or feature-major, and y is feature-major
+    when ``out_fm`` is true (default: x's layout); elsewhere both are row-major."""
     if resolve(x.device) == "triton":
         tk = _triton()
         x = _row_major(x)
         if block_size == 1:
-            return tk.csr_spmm(x, values, rowptr, col, n_out, bias)
-        return tk.bsr_spmm(x, values, rowptr, col, n_out, bias)
+            y = tk.csr_spmm(x, values, rowptr, col, n_out, bias)
+        else:
+            y = tk.bsr_spmm(x, values, rowptr, col, n_out, bias)
+        return y.relu_() if relu else y
     if block_size == 1:
         x_fm = _csr_layout(x)
         if rowptr.shape[0] != n_out + 1:
@@ -157,24 +160,30 @@ def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor
             bias = bias.contiguous()
         _C.spmm_ptr(_DTYPE_CODE[x.dtype], x.data_ptr(), x.shape[0], x.shape[1], x_fm, rowptr.data_ptr(),
                     col.data_ptr(), _values_ptr(values, col, x.dtype), col.shape[0], 0,
-                    _bias_ptr(bias, n_out, x.dtype), y.data_ptr(), n_out, out_fm, torch.get_num_threads())
-    else:
-        b = None if bias is None else _np(bias)
-        x = _row_major(x)
-        y = torch.empty(x.shape[0], n_out, dtype=x.dtype)
-        _cpu_kernel("bsr_spmm", x.dtype)(_np(x), _np(rowptr), _np(col), _np(values), b, _np(y),
-                                         torch.get_num_threads())
-    return y
+                    _bias_ptr(bias, n_out, x.dtype), y.data_ptr(), n_out, out_fm, torch.get_num_threads(), relu)
+        return y
+    b = None if bias is None else _np(bias)
+    x = _row_major(x)
+    y = torch.empty(x.shape[0], n_out, dtype=x.dtype)
+    _cpu_kernel("bsr_spmm", x.dtype)(_np(x), _np(rowptr), _np(col), _np(values), b, _np(y), torch.get_num_threads())
+    return y.relu_() if relu else y
+
+
+def _relu_mask(dx: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """The ReLU's backward on dx, from the ReLU's output ``mask``: 0 where mask <= 0."""
+    return dx if mask is None else torch.ops.aten.threshold_backward(dx, mask, 0)
 
 
 def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: Tensor, n_in: int,
-                 block_size: int, out_fm: Optional[bool] = None) -> Tensor:
-    """dx (B, n_in) = dy W; layouts as in :func:`_spmm_impl` (dx feature-major with ``out_fm``, default dy's)."""
+                 block_size: int, out_fm: Optional[bool] = None, mask: Optional[Tensor] = None) -> Tensor:
+    """dx (B, n_in) = dy W; layouts as in :func:`_spmm_impl` (dx feature-major with ``out_fm``, default dy's).
+    With ``mask`` (the output of a ReLU whose input was x, shaped as dx), the ReLU's backward too: dx = 0 where
+    mask <= 0 (fused into the C++ CSR kernel's stores when dx is feature-major and laid out as mask)."""
     if resolve(dy.device) == "triton":
         tk = _triton()
         if block_size == 1:
-            return tk.csr_spmm_t(dy, values, colptr, row, perm, n_in)
-        return tk.bsr_spmm_t(_row_major(dy), values, colptr, row, perm, n_in)
+            return _relu_mask(tk.csr_spmm_t(dy, values, colptr, row, perm, n_in), mask)
+        return _relu_mask(tk.bsr_spmm_t(_row_major(dy), values, colptr, row, perm, n_in), mask)
     if block_size == 1:
         dy_fm = _csr_layout(dy)
         if colptr.shape[0] != n_in + 1:
@@ -184,15 +193,17 @@ def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: 
         if perm.shape != row.shape:
             raise ValueError(f"spmm_t: perm has shape {tuple(perm.shape)}, row {tuple(row.shape)}")
         _check_index(colptr, perm)
+        fused = (mask is not None and out_fm and mask.dtype == dx.dtype and mask.shape == dx.shape
+                 and mask.stride() == dx.stride() and mask.device == dx.device)
         _C.spmm_ptr(_DTYPE_CODE[dy.dtype], dy.data_ptr(), dy.shape[0], dy.shape[1], dy_fm, colptr.data_ptr(),
                     row.data_ptr(), _values_ptr(values, row, dy.dtype), row.shape[0], perm.data_ptr(), 0,
-                    dx.data_ptr(), n_in, out_fm, torch.get_num_threads())
-    else:
-        dy = _row_major(dy)
-        dx = torch.empty(dy.shape[0], n_in, dtype=dy.dtype)
-        _cpu_kernel("bsr_spmm_t", dy.dtype)(_np(dy), _np(colptr), _np(row), _np(perm), _np(values), _np(dx),
-                                            torch.get_num_threads())
-    return dx
+                    dx.data_ptr(), n_in, out_fm, torch.get_num_threads(), False, mask.data_ptr() if fused else 0)
+        return dx if fused else _relu_mask(dx, mask)
+    dy = _row_major(dy)
+    dx = torch.empty(dy.shape[0], n_in, dtype=dy.dtype)
+    _cpu_kernel("bsr_spmm_t", dy.dtype)(_np(dy), _np(colptr), _np(row), _np(perm), _np(values), _np(dx),
+                                        torch.get_num_threads())
+    return _relu_mask(dx, mask)
 
 
 def _sddmm_impl(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: int) -> Tensor:

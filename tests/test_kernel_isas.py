@@ -213,3 +213,35 @@ def test_shifted_last_tile_masks_inf_in_the_overlap(isa, threads, layout, gen):
     finite = torch.isfinite(ref)
     assert finite.sum() > 0 and (~finite).sum() > 0
     torch.testing.assert_close(dw.double()[finite], ref[finite], rtol=1e-5, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------------------------- epilogues
+@pytest.mark.parametrize("threads", [1, 2], indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+@pytest.mark.parametrize("batch", [1, 7, 40, 100])
+@pytest.mark.parametrize("fm", [False, True])
+def test_relu_and_relu_mask_in_the_stores_per_isa(isa, threads, dtype, batch, fm, gen):
+    """The forward's fused ReLU is torch.relu of the plain output, and dX's fused mask is threshold_backward of the
+    plain dX, bit for bit (NaN kept by the ReLU; a NaN mask keeps its entry, a -0.0 one zeroes it), in each copy,
+    layout, batch chunking and thread count. A row-major dX takes the mask as a separate op (same bits)."""
+    from sparsecore.ops import _spmm_impl, _spmm_t_impl, feature_major
+
+    mask = random_mask(37, 45, 0.2, gen, empty_rows=[2], empty_cols=[7])
+    p = Pattern.from_mask(mask)
+    v = torch.randn(p.nnz, generator=gen).to(dtype)
+    b = torch.randn(37, generator=gen).to(dtype)
+    x = torch.randn(batch, 45, generator=gen).to(dtype)
+    x[0, 3] = float("nan")
+    dy = torch.randn(batch, 37, generator=gen).to(dtype)
+    relu_out = torch.randn(batch, 45, generator=gen).to(dtype).relu()
+    relu_out[0, :4] = torch.tensor([float("nan"), -0.0, 0.0, 1.0], dtype=dtype)
+    if fm:
+        x, dy, relu_out = feature_major(x), feature_major(dy), feature_major(relu_out)
+    y = _spmm_impl(x, v, b, p.rowptr, p.col, 37, 1, relu=True)
+    ref = torch.relu(_spmm_impl(x, v, b, p.rowptr, p.col, 37, 1))
+    assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()
+    assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(ref))
+    dx = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1, mask=relu_out)
+    ref = torch.ops.aten.threshold_backward(_spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1), relu_out, 0)
+    assert torch.equal(dx, ref) and dx.stride() == ref.stride()
+    assert dx[0, 0] != 0 and dx[0, 1] == 0 and dx[0, 2] == 0  # NaN mask keeps, -0.0 and 0.0 zero
