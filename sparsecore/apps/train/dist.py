@@ -131,6 +131,14 @@ def _describe(code: int) -> str:
     return f"exited with code {code}"
 
 
+def _failure_rank(code: int) -> int:
+    """Which of several failures seen at once most likely came first: killed from outside, then other signals,
+    then error exits."""
+    if code < 0:
+        return 0 if -code in (signal.SIGKILL, signal.SIGTERM) else 1
+    return 2
+
+
 def launch_local(argv: Sequence[str], nproc: int, threads: Optional[int] = None, grace: float = 15.0,
                  stream=None) -> int:
     """Run ``sparsecore train ARGV`` as ``nproc`` ranks on this machine; returns the exit code (0 when every rank
@@ -146,13 +154,15 @@ def launch_local(argv: Sequence[str], nproc: int, threads: Optional[int] = None,
                    LOCAL_RANK=str(r), LOCAL_WORLD_SIZE=str(nproc), OMP_NUM_THREADS=str(per_rank),
                    PYTHONPATH=pkg_parent + os.pathsep + os.environ.get("PYTHONPATH", ""))
         procs.append(subprocess.Popen([sys.executable, "-m", "sparsecore", "train", *argv], env=env))
-    failed: List[int] = []  # ranks in the order their failure was seen (in one poll: killed ones first)
+    # ranks in the order their failure was seen; in one poll, those killed from outside (SIGKILL, SIGTERM) first,
+    # then other signals (a rank that aborts on its peer's death), then error exits
+    failed: List[int] = []
     deadline = None
     try:
         while True:
             running = [p.poll() is None for p in procs]
             new = [r for r, p in enumerate(procs) if p.returncode not in (None, 0) and r not in failed]
-            failed += sorted(new, key=lambda r: (procs[r].returncode >= 0, r))
+            failed += sorted(new, key=lambda r: (_failure_rank(procs[r].returncode), r))
             if failed and deadline is None:
                 deadline = time.monotonic() + grace  # the others should stop by themselves at their next collective
             if not any(running) or (deadline is not None and time.monotonic() > deadline):

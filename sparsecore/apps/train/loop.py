@@ -192,7 +192,7 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     c = check_config(c)
     de = setup_distributed(c.dist_timeout)
     try:
-        return _train(c, de)
+        report = _train(c, de)
     except (TrainError, DistributedError):
         raise
     except RuntimeError as e:
@@ -201,9 +201,12 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
                                    f"stopped, or the connection was lost): {type(e).__name__}: "
                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         raise
-    finally:
-        if de is not None:
-            de.close()
+    # The group is torn down after a run that succeeded only: destroying it while another rank has failed (or is
+    # still in a collective) can hang, or abort this process in gloo's threads ("terminate called without an
+    # active exception", seen here after a killed rank); a failing process exits without it.
+    if de is not None:
+        de.close()
+    return report
 
 
 def _train(c: TrainConfig, de: Optional[DistEnv]) -> Dict[str, Any]:
