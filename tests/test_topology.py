@@ -555,3 +555,21 @@ def test_large_layer_generation_prints_time():
     dt = time.perf_counter() - t0
     assert p.nnz == round(0.1 * 4096 * 4096)
     print(f"\nuniform 4096x4096 @ 10%: {dt:.3f} s (threads={torch.get_num_threads()})")
+
+
+@pytest.mark.parametrize("out,in_,k,bs", [(37, 45, 500, 1), (1, 9, 3, 1), (40, 1, 10, 1), (6, 8, 48, 1),
+                                          (300, 200, 31000, 1), (16, 24, 5, 8)])
+def test_random_pattern_is_the_csr_of_its_draws(out, in_, k, bs):
+    """The builder takes the CSR straight from the sorted flat draws (no (row, col) pairs, no sort order): the
+    pattern equals Pattern.from_indices of the same draws, transpose index included, and is valid."""
+    from sparsecore.pattern import Pattern
+    from sparsecore.topology._common import distinct_rows
+    from sparsecore.topology.unstructured import _random_pattern
+
+    n_r, n_c = out // bs if bs > 1 else out, in_ // bs if bs > 1 else in_
+    flat = distinct_rows(1, n_r * n_c, k, torch.Generator().manual_seed(5))[0]
+    ref = Pattern.from_indices(flat // n_c, flat % n_c, (n_r * bs, n_c * bs), bs)
+    got = _random_pattern(n_r, n_c, k, bs, torch.Generator().manual_seed(5))
+    assert got.nnz == k
+    for name, t in ref.tensors().items():
+        assert torch.equal(getattr(got, name), t), name

@@ -4,6 +4,7 @@ from __future__ import annotations
 import math
 from typing import List, Optional, Sequence
 
+import numpy as np
 import torch
 
 from ..pattern import Pattern
@@ -13,9 +14,18 @@ __all__ = ["uniform", "erdos_renyi", "er_density", "er_count", "erk_densities", 
 
 
 def _random_pattern(n_r: int, n_c: int, k: int, block_size: int, g) -> Pattern:
-    idx = distinct_rows(1, n_r * n_c, k, g)[0]
-    rows = torch.div(idx, n_c, rounding_mode="trunc") if n_c else idx
-    return Pattern.from_indices(rows, idx - rows * n_c, (n_r * block_size, n_c * block_size), block_size)
+    # The k flat indices (row * n_c + col) sorted are the entries in CSR order: the CSR comes straight from them,
+    # with no (row, col) pairs and no sort permutation (each an int64 array of nnz), and the flat array is freed
+    # before the transpose index is built. The same pattern as Pattern.from_indices of the pairs.
+    flat = distinct_rows(1, n_r * n_c, k, g)[0].numpy()
+    flat.sort()
+    col = np.empty(k, dtype=np.int32)
+    if n_c:
+        np.remainder(flat, n_c, out=col, casting="unsafe")
+    rowptr = np.searchsorted(flat, np.arange(n_r + 1, dtype=np.int64) * n_c).astype(np.int32)
+    del flat
+    return Pattern._from_int32_csr(torch.from_numpy(rowptr), torch.from_numpy(col),
+                                   (n_r * block_size, n_c * block_size), block_size)
 
 
 def uniform(out: int, in_: int, density: float, *, seed=None, generator: Optional[torch.Generator] = None) -> Pattern:
