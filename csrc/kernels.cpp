@@ -215,12 +215,14 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bo
 // batch's last T rows instead, overlapping the tile before it by T - tb rows: every load of it is then a whole
 // vector in bounds, so a feature-major operand is read in place rather than copied into a zero-padded buffer, and a
 // row-major one is transposed in whole L x L blocks rather than row by row. The padding lanes it replaces cost the
-// same arithmetic. The SpMMs compute each batch row on a lane of its own with the same sums in the same order,
-// so they write the overlapped rows again with the same values (the chunks run one after the other: no two
-// threads write one row at once). The SDDMM sums over the batch, so it zeroes the overlapped lanes of each dY^T
-// tile row as it loads it (the returned `skip`, for the last chunk; sddmm in kernels_impl.h). A batch of fewer
-// than T rows keeps its padded tile. Measured on a 2-core Xeon (AVX-512), 1 thread, CTRE's MLP on Fashion-MNIST
-// shapes at batch 100 (its 0.24%-dense layers read feature-major tiles in place): see docs/BENCHMARKS.md.
+// same arithmetic. The SpMMs compute each batch row on a lane of its own, so they write the overlapped rows again
+// with the same sums: the same bits where both tiles split a row's entries over the same number of accumulators
+// (tiles of up to 3 vectors: 4; 4 and 5: 2), another rounding where the tile before was wider (the chunks run one
+// after the other: no two threads write one row at once). The SDDMM sums over the batch, so it zeroes the
+// overlapped lanes of each dY^T tile row as it loads it (the returned `skip`, for the last chunk; sddmm in
+// kernels_impl.h). A batch of fewer than T rows keeps its padded tile. Measured on a 2-core Xeon (AVX-512), 1
+// thread, CTRE's MLP on Fashion-MNIST shapes at batch 100 (its 0.24%-dense layers read feature-major tiles in
+// place): see docs/BENCHMARKS.md.
 static bool g_shift_tail = true;  // tuning hook: _set_shift_tail (false: the last tile is zero-padded)
 static int shift_last_tile(std::vector<BatchChunk>& chunks, int64_t B, int lanes) {
   if (!g_shift_tail || chunks.empty()) return 0;
@@ -342,7 +344,7 @@ void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* 
   const std::vector<int64_t> split = balanced_split(rp, n_rows, nt);
   std::vector<BatchChunk> chunks =
       batch_chunks(B, L, spmm_max_nv(isa, nnz, n_cols, int64_t(sizeof(E)), l2_bytes_per_core()), !is_bf16<E>());
-  shift_last_tile(chunks, B, L);  // its overlapped rows come out the same again: nothing to mask
+  shift_last_tile(chunks, B, L);  // its overlapped rows are computed again: nothing to mask
   const int widest = widest_nv(chunks);
   const bool in_place = fm_in_place(nnz, n_cols);
   // The tiles are stored as E (bf16 tiles for bf16, see BF16_SDDMM_MAX_NV).

@@ -159,7 +159,8 @@ def shift_tail(request):
 @pytest.mark.parametrize("tile_vectors", [0, 1])
 def test_shifted_last_tile_per_isa(isa, shift_tail, threads, batch, layout, tile_vectors, gen):
     """The three kernels against the float64 reference with the last tile shifted or zero-padded, in each layout
-    and copy; the SpMMs give the same bits either way (each batch row is summed on a lane of its own)."""
+    and copy; the SpMMs give the same bits either way (each batch row is summed on a lane of its own, and at these
+    sizes every tile splits a row's entries over the same number of accumulators)."""
     from sparsecore.ops import _sddmm_impl, _spmm_impl, _spmm_t_impl, feature_major
 
     mask = random_mask(37, 45, 0.1, gen, empty_rows=[2], empty_cols=[7])
