@@ -24,20 +24,12 @@ IMPLS = ("dense", "sparsecore", "sparsecore-bsr")
 
 
 def _status_kib(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{field} not in /proc/self/status")
+    from sparsecore.apps.train.report import proc_status_kb
 
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
+    kib = proc_status_kb(field)
+    if kib is None:
+        raise RuntimeError(f"{field} not in /proc/self/status: this benchmark needs Linux")
+    return int(kib)
 
 
 def child(impl: str, size: int, batch: int, density: float, threads: int, steps: int, block_size: int) -> dict:
@@ -45,6 +37,7 @@ def child(impl: str, size: int, batch: int, density: float, threads: int, steps:
     from torch import nn
 
     import sparsecore
+    from sparsecore.apps.train.report import reset_peak_rss
     from sparsecore.topology import random_blocks, uniform
 
     torch.set_num_threads(threads)
@@ -72,11 +65,11 @@ def child(impl: str, size: int, batch: int, density: float, threads: int, steps:
     x = torch.randn(batch, size, generator=gen, requires_grad=True)
     dy = torch.randn(batch, size, generator=gen)
     base = _status_kib("VmRSS")
-    _reset_peak()
+    reset_peak_rss()
     layer = make(size)
     build_peak = _status_kib("VmHWM")
     after_build = _status_kib("VmRSS")
-    reset = _reset_peak()
+    reset = reset_peak_rss()
     train(layer, x, dy, steps)
     step_peak = _status_kib("VmHWM") if reset else None
     mib = lambda kib: None if kib is None else (kib - base) / 1024.0  # noqa: E731
