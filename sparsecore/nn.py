@@ -528,6 +528,8 @@ def sparsify(model: nn.Module, density: Optional[float] = None, *, method: str =
         raise ValueError(f"method must be 'uniform', 'er', 'erk' or 'magnitude', got {method!r}")
     if attention not in ("dense", "sparse"):
         raise ValueError(f"attention must be 'dense' or 'sparse', got {attention!r}")
+    if not isinstance(fuse, bool):
+        raise TypeError(f"fuse must be True or False, got {fuse!r}")
     if method == "er":
         if epsilon is None:
             raise ValueError("method='er' needs epsilon=")
@@ -563,8 +565,6 @@ def sparsify(model: nn.Module, density: Optional[float] = None, *, method: str =
         if skipped("", model):
             return model
         return _sparse_from(model, method, density, epsilon, bs, generator)
-    if not isinstance(fuse, bool):
-        raise TypeError(f"fuse must be True or False, got {fuse!r}")
 
     # attention blocks first: with attention="sparse" their projections become sparse with the block
     if attention == "sparse":

@@ -181,6 +181,12 @@ def _rank_prefix() -> str:
     return f"rank {rank}: " if world not in (None, "", "1") and rank is not None else ""
 
 
+def _group_left_open() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -203,6 +209,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except DistributedError as e:
         print(f"sparsecore train: stopped: {e}", file=sys.stderr)  # (the message names the rank)
+        if _group_left_open():
+            # The failed group was not torn down (train()): leave without the interpreter's teardown, whose
+            # destruction of gloo's objects can abort the process and turn exit code 3 into SIGABRT.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(3)
         return 3
     except DivergenceError as e:
         print(f"sparsecore train: {who}ranks diverged: {e}", file=sys.stderr)

@@ -191,22 +191,27 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     c = TrainConfig(**config) if isinstance(config, dict) else dataclasses.replace(config)
     c = check_config(c)
     de = setup_distributed(c.dist_timeout)
+    broken = False  # a collective failed: the group is not torn down (below)
     try:
-        report = _train(c, de)
-    except (TrainError, DistributedError):
+        return _train(c, de)
+    except DistributedError:
+        broken = True
+        raise
+    except TrainError:
         raise
     except RuntimeError as e:
         if de is not None and _is_comm_error(e):
+            broken = True
             raise DistributedError(f"rank {de.rank} of {de.world}: a collective failed (another rank died or "
                                    f"stopped, or the connection was lost): {type(e).__name__}: "
                                    f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
         raise
-    # The group is torn down after a run that succeeded only: destroying it while another rank has failed (or is
-    # still in a collective) can hang, or abort this process in gloo's threads ("terminate called without an
-    # active exception", seen here after a killed rank); a failing process exits without it.
-    if de is not None:
-        de.close()
-    return report
+    finally:
+        # Destroying a group whose peer died can abort this process in gloo's threads ("terminate called without
+        # an active exception", seen here after a killed rank): the command then exits without tearing it down
+        # (cli.main). A healthy group is torn down, after success or an error of this rank's own.
+        if de is not None and not broken:
+            de.close()
 
 
 def _train(c: TrainConfig, de: Optional[DistEnv]) -> Dict[str, Any]:
