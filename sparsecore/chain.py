@@ -32,8 +32,8 @@ from torch import Tensor, nn
 
 from .backend import resolve
 from .nn import SparseLinear
-from .ops import (_CPU_DTYPES, _TRITON_DTYPES, _autocast_dtype, _grad_layout, _is_fm, _sddmm_impl, _spmm_impl,
-                  _spmm_t_impl, sparse_linear)
+from .ops import (_CPU_DTYPES, _TRITON_DTYPES, _autocast_dtype, _grad_layout, _is_fm, _relu_mask, _sddmm_impl,
+                  _spmm_impl, _spmm_t_impl, sparse_linear)
 
 __all__ = ["SparseSequential"]
 
@@ -107,10 +107,11 @@ class _RunFunction(torch.autograd.Function):
                            link.out_fm(h), relu=link.relu)  # the ReLU in the kernel's stores where it can
             acts.append(h)
         ctx.links = links
-        # Saved for backward, so the engine frees them after it as it frees any node's: the input, the output (with
-        # autograd's version check: its ReLU mask comes from it), the hidden activations, and the parameters (for
-        # the create_graph recomputation).
-        ctx.save_for_backward(x, h, *params, *acts[:-1])
+        # Saved for backward, so the engine frees them after it as it frees any node's: the input, the output only
+        # where the run ends in a ReLU (its mask comes from it; autograd's version check then refuses an in-place
+        # change of it, as nn.ReLU's saved result does; otherwise the caller may change it in place, as after a
+        # SparseLinear), the hidden activations, and the parameters (for the create_graph recomputation).
+        ctx.save_for_backward(x, h if links[-1].relu else None, *params, *acts[:-1])
         return h
 
     @staticmethod
@@ -120,7 +121,7 @@ class _RunFunction(torch.autograd.Function):
         x, out, params, hidden = saved[0], saved[1], saved[2:2 + 2 * len(links)], saved[2 + 2 * len(links):]
         if torch.is_grad_enabled():  # create_graph=True: differentiate the run recomputed with differentiable ops
             return _recomputed_grads(ctx, grad, x, params)
-        acts = [x, *hidden, out]
+        acts = [x, *hidden]
         needs = ctx.needs_input_grad
         grads: List[Optional[Tensor]] = [None] * len(params)
         dy = grad
@@ -128,7 +129,7 @@ class _RunFunction(torch.autograd.Function):
             link = links[k]
             p = link.pattern
             if link.relu and k == len(links) - 1:  # the ReLU's backward, from its output (> 0 where its input was);
-                dy = torch.ops.aten.threshold_backward(dy, acts[k + 1], 0)  # inner ones: in the dX below
+                dy = _relu_mask(dy, out)                # inner ones: in the dX below
             dy = _grad_layout(dy, p.block_size)
             if needs[2 + 2 * k]:
                 grads[2 * k] = _sddmm_impl(dy, acts[k], p.rowptr, p.col, p.block_size)

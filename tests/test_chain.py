@@ -249,3 +249,17 @@ def test_dst_training_fused_equals_modules_and_hooks_only_while_recording(method
         # recording steps: the window of 50 rows (3 batches of 20) before each of the 2 updates (CTRE, G2G: the
         # first step records too, to learn the batch size), RigL's last batch of each updating epoch
         assert 0 < sum(hooked) < 3 * spe and fused_steps == 3 * spe - sum(hooked)
+
+
+def test_output_without_relu_may_be_changed_in_place(gen):
+    """A run that ends in a layer (no ReLU) does not keep its output: the caller may change it in place before
+    backward (a residual add, say), as after a SparseLinear, with the gradients of the modules one by one."""
+    model = SparseSequential(sparse(10, 12, 0.4, gen), nn.ReLU(), sparse(12, 6, 0.5, gen))
+    x = torch.randn(4, 10, generator=gen)
+    res = torch.randn(4, 6, generator=gen)
+
+    def loss_fn(out):
+        return out.add_(res).square().sum()
+
+    a, b = fused_and_modules(model, x, loss_fn)
+    assert_same(a, b)
