@@ -86,14 +86,14 @@ class Pattern:
         if col.numel() and (col.min() < 0 or col.max() >= n_c):
             raise ValueError(f"column index out of range [0, {n_c}): min {int(col.min())}, max {int(col.max())}")
         rowptr32, col32 = rowptr.to(torch.int32).contiguous(), col.to(torch.int32).contiguous()
-        _C.check_csr(rowptr32.numpy(), col32.numpy(), n_r, n_c)
-        return cls._with_transpose((out_f, in_f), block_size, rowptr32, col32)
+        return cls._from_int32_csr(rowptr32, col32, (out_f, in_f), block_size)
 
     @classmethod
     def _from_int32_csr(cls, rowptr32: torch.Tensor, col32: torch.Tensor, shape, block_size: int = 1) -> "Pattern":
-        """From contiguous int32 CPU ``rowptr``/``col`` that a builder of this package made: checked by
-        ``_C.check_csr`` (order, duplicates, ranges) without the int64 copies :meth:`from_csr` makes for its
-        messages (one pattern of a 4096x4096 layer at 10%: 13 MB each)."""
+        """From contiguous int32 CPU ``rowptr``/``col``: checked by ``_C.check_csr`` (order, duplicates, ranges).
+        :meth:`from_csr` ends here after its own checks; a builder of this package whose arrays are int32 already
+        comes here directly, without the int64 copies from_csr makes for its messages (one pattern of a 4096x4096
+        layer at 10%: 13 MB each)."""
         out_f, in_f = cls._check_shape(shape, block_size)
         _C.check_csr(rowptr32.numpy(), col32.numpy(), out_f // block_size, in_f // block_size)
         return cls._with_transpose((out_f, in_f), block_size, rowptr32, col32)

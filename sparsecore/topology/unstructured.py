@@ -7,7 +7,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from ..pattern import Pattern
+from ..pattern import INT32_MAX, Pattern
 from ._common import check_fraction, check_real, check_size, distinct_rows, make_generator
 
 __all__ = ["uniform", "erdos_renyi", "er_density", "er_count", "erk_densities", "erk", "random_blocks"]
@@ -17,6 +17,9 @@ def _random_pattern(n_r: int, n_c: int, k: int, block_size: int, g) -> Pattern:
     # The k flat indices (row * n_c + col) sorted are the entries in CSR order: the CSR comes straight from them,
     # with no (row, col) pairs and no sort permutation (each an int64 array of nnz), and the flat array is freed
     # before the transpose index is built. The same pattern as Pattern.from_indices of the pairs.
+    Pattern._check_shape((n_r * block_size, n_c * block_size), block_size)
+    if k > INT32_MAX:  # before drawing: the int32 indices could not hold it
+        raise ValueError(f"nnz = {k} does not fit int32 indices")
     flat = distinct_rows(1, n_r * n_c, k, g)[0].numpy()
     flat.sort()
     col = np.empty(k, dtype=np.int32)
