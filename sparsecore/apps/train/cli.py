@@ -12,7 +12,7 @@ from ..models import METHODS
 from ...dst.distributed import DivergenceError
 from .config import TrainConfig, TrainError
 from .dist import DistributedError, launch_local
-from .loop import train
+from .loop import group_left_open, train
 
 __all__ = ["main", "build_parser", "add_common_arguments", "check_common_arguments", "common_config",
            "config_from_args", "parse_hidden", "key_value"]
@@ -181,12 +181,6 @@ def _rank_prefix() -> str:
     return f"rank {rank}: " if world not in (None, "", "1") and rank is not None else ""
 
 
-def _group_left_open() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
-
-
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = build_parser()
     a = p.parse_args(list(sys.argv[1:] if argv is None else argv))
@@ -209,9 +203,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except DistributedError as e:
         print(f"sparsecore train: stopped: {e}", file=sys.stderr)  # (the message names the rank)
-        if _group_left_open():
-            # The failed group was not torn down (train()): leave without the interpreter's teardown, whose
-            # destruction of gloo's objects can abort the process and turn exit code 3 into SIGABRT.
+        if group_left_open():
+            # This command's group failed and was not torn down (train()): leave without the interpreter's
+            # teardown, whose destruction of gloo's objects can abort the process (exit code 3 became SIGABRT).
+            # A group the caller made is the caller's: then main() returns as usual.
             sys.stdout.flush()
             sys.stderr.flush()
             os._exit(3)

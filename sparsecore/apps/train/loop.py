@@ -180,6 +180,14 @@ def _load_rank_local(updater, ck: Dict[str, Any], de: Optional[DistEnv], progres
     updater.load_rank_local_state(saved[0])
 
 
+_LEFT_OPEN = [False]  # train() left a process group it initialised open after a failed collective
+
+
+def group_left_open() -> bool:
+    """Whether :func:`train` initialised a process group and left it open after a failed collective."""
+    return _LEFT_OPEN[0]
+
+
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     """Train ``config.method`` on ``config.dataset``; returns the report (also written to ``config.json``).
 
@@ -212,6 +220,8 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
         # (cli.main). A healthy group is torn down, after success or an error of this rank's own.
         if de is not None and not broken:
             de.close()
+        elif de is not None and de.owns_group:
+            _LEFT_OPEN[0] = True  # cli.main leaves without the interpreter's teardown
 
 
 def _train(c: TrainConfig, de: Optional[DistEnv]) -> Dict[str, Any]:
