@@ -626,7 +626,7 @@ def _step_ours(p, values, xs, dys, layout):
         def step(i):
             x, dy = xs[i % len(xs)], dys[i % len(dys)]
             dy = dy.t().contiguous().t()  # one feature-major copy for dX and dW, as sparsecore's backward makes
-            return (tk.csr_spmm(x, values, r, c, out_f), tk.csr_spmm_t(dy, values, cp, rw, pm, in_f),
+            return (tk.csr_spmm(x, values, r, c, out_f), tk.csr_spmm_t(dy, values, cp, rw, pm, in_f, rowptr=r),
                     tk.csr_sddmm(dy, x, r, c))
     else:
         def step(i):

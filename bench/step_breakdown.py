@@ -76,7 +76,8 @@ def kernel_calls(io, empty: bool = False):
                                          p.shape, p.block_size)
             v = torch.randn(p.values_shape)
             calls += [lambda x=x, v=v, p=p: _spmm_impl(x, v, None, p.rowptr, p.col, p.shape[0], p.block_size),
-                      lambda dy=dy, v=v, p=p: _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, p.shape[1], p.block_size),
+                      lambda dy=dy, v=v, p=p: _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, p.shape[1],
+                                                                       p.block_size),
                       lambda dy=dy, x=x, p=p: _sddmm_impl(dy, x, p.rowptr, p.col, p.block_size)]
         elif not empty:
             w = m.weight.detach()

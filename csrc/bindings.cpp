@@ -3,7 +3,7 @@
 
 namespace sc {
 py::tuple build_csr(const Arr<int64_t>&, const Arr<int64_t>&, int64_t, int64_t);
-py::tuple transpose_index(const Arr<int32_t>&, const Arr<int32_t>&, int64_t);
+py::tuple transpose_index(const Arr<int32_t>&, const Arr<int32_t>&, int64_t, bool);
 void check_csr(const Arr<int32_t>&, const Arr<int32_t>&, int64_t, int64_t);
 void bind_kernels(py::module_& m);
 void bind_bsr(py::module_& m);
@@ -15,7 +15,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_csr", &sc::build_csr, py::arg("rows").noconvert(), py::arg("cols").noconvert(), py::arg("n_rows"),
         py::arg("n_cols"));
   m.def("transpose_index", &sc::transpose_index, py::arg("rowptr").noconvert(), py::arg("col").noconvert(),
-        py::arg("n_cols"));
+        py::arg("n_cols"), py::arg("compact") = false);
   m.def("check_csr", &sc::check_csr, py::arg("rowptr").noconvert(), py::arg("col").noconvert(), py::arg("n_rows"),
         py::arg("n_cols"));
   sc::bind_kernels(m);

@@ -78,4 +78,19 @@ struct Epilogue {
   const E* mask;
 };
 
+// The largest dimension (in entries: block rows or columns) of a compact pattern, whose indices are int16.
+constexpr int64_t COMPACT_MAX_DIM = 32768;
+
+// Pattern indices (col, row, perm) come as int32_t, or as int16_t in a compact pattern (sparsecore/pattern.py: both
+// dimensions at most 32768): entries there are non-negative, read zero-extended.
+inline int64_t index_at(const int32_t* a, int64_t k) { return a[k]; }
+inline int64_t index_at(const int16_t* a, int64_t k) { return static_cast<uint16_t>(a[k]); }
+
+// The CSR position of transposed entry t, whose W row is row[t]: perm[t] itself (int32 indices), or in a compact
+// pattern the offset perm[t] inside that row, added to W's rowptr prp.
+inline int64_t csr_position(const int32_t*, const int32_t* perm, const int32_t*, int64_t t) { return perm[t]; }
+inline int64_t csr_position(const int16_t* row, const int16_t* perm, const int32_t* prp, int64_t t) {
+  return int64_t(prp[index_at(row, t)]) + index_at(perm, t);
+}
+
 }  // namespace sc

@@ -776,16 +776,23 @@ py::object regrow_random(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, co
 // Column-ordered (transpose) index: the same (colptr, row, perm) as transpose_index in pattern.cpp, by a stable
 // counting sort run in parallel over row ranges (each thread places its rows after those of earlier threads in
 // every column). (row, pos) pairs are written interleaved, one write stream per column instead of two, then split.
-py::tuple transpose_parallel(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, int64_t n_cols, int threads) {
+// With int16_t indices (a compact pattern) perm holds each entry's offset inside its row (see pattern.cpp).
+template <class I>
+static py::tuple transpose_parallel_as(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, int64_t n_cols,
+                                       int threads) {
+  constexpr bool offsets = sizeof(I) == 2;
   check_structure(rowptr, col);
   const int64_t nnz = numel(col), n_rows = numel(rowptr) - 1;
   require(n_cols >= 0, "n_cols must be non-negative");
+  require(!offsets || (n_rows <= COMPACT_MAX_DIM && n_cols <= COMPACT_MAX_DIM),
+          "a compact (int16) transpose index needs both dimensions at most 32768");
   const int32_t* rp = cptr(rowptr);
   const int32_t* co = cptr(col);
-  Arr<int32_t> colptr(n_cols + 1), row(nnz), perm(nnz);
+  Arr<int32_t> colptr(n_cols + 1);
+  Arr<I> row(nnz), perm(nnz);
   int32_t* cp = mptr(colptr);
-  int32_t* ro = mptr(row);
-  int32_t* pe = mptr(perm);
+  I* ro = mptr(row);
+  I* pe = mptr(perm);
   const int nt = nthreads_for(threads, nnz);
   bool bad = false;
   {
@@ -833,8 +840,8 @@ py::tuple transpose_parallel(const Arr<int32_t>& rowptr, const Arr<int32_t>& col
             if (n_groups > 1) b = std::lower_bound(b, e, lo);
             for (const int32_t* p = b; p < e && *p < hi; ++p) {
               const int64_t t = next[*p]++;
-              ro[t] = int32_t(r);
-              pe[t] = int32_t(p - co);
+              ro[t] = I(r);
+              pe[t] = I(offsets ? p - co - rp[r] : p - co);
             }
           }
         }
@@ -843,6 +850,12 @@ py::tuple transpose_parallel(const Arr<int32_t>& rowptr, const Arr<int32_t>& col
   }
   require(!bad, "column index out of range");
   return py::make_tuple(colptr, row, perm);
+}
+
+py::tuple transpose_parallel(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, int64_t n_cols, int threads,
+                             bool compact) {
+  return compact ? transpose_parallel_as<int16_t>(rowptr, col, n_cols, threads)
+                 : transpose_parallel_as<int32_t>(rowptr, col, n_cols, threads);
 }
 
 // out[j] = src[gather[j]] (rows of `width` elements), zero where gather[j] < 0; then, when given, the new entries'
@@ -950,7 +963,7 @@ void bind_dst(py::module_& m) {
         py::arg("keep"), py::arg("occupied"), py::arg("n_cols"), py::arg("k"), py::arg("seed"), py::arg("threads") = 1,
         "merge(keep, random_absent(occupied, k, seed)) in one call, or None when random_absent would enumerate");
   m.def("dst_transpose", &transpose_parallel, py::arg("rowptr").noconvert(), py::arg("col").noconvert(),
-        py::arg("n_cols"), py::arg("threads") = 1);
+        py::arg("n_cols"), py::arg("threads") = 1, py::arg("compact") = false);
   m.def("dst_gather", &gather_rows<float>, py::arg("src").noconvert(), py::arg("gather").noconvert(),
         py::arg("out").noconvert(), py::arg("newpos") = py::none(), py::arg("newvals") = py::none(),
         py::arg("threads") = 1, "out[j] = src[gather[j]], 0 where gather[j] < 0; then out[newpos] = newvals");

@@ -266,10 +266,11 @@ const char* const BF16_KERNEL_NAMES[BF16_KERNELS] = {"spmm", "spmm_t", "sddmm", 
 // block (a column's entries are sorted by row), so the reads of a block stay within its part of `val`. Same
 // machine, 8192x8192 at 10%, 2 threads: the pass 21 -> 11.5 ms, dX at batch 256 57.5-58.1 -> 52.0-53.3 ms; blocks
 // of 0.25, 1, 2, 4 and 16 MiB took 21.1, 15.1, 13.4, 11.7-13.2 and 15.0 ms.
-// colptr, row: the transpose index (n_cols + 1 and nnz entries); n_rows: W's rows.
-template <class E>
-static void gather_by_row_blocks(const int32_t* colptr, const int32_t* row, const int32_t* perm, const E* val,
-                                 E* g, int64_t n_cols, int64_t n_rows, int nt) {
+// colptr, row: the transpose index (n_cols + 1 and nnz entries); n_rows: W's rows; prp: W's rowptr (read for
+// int16_t indices, where perm holds offsets inside rows: see sc::csr_position).
+template <class E, class I>
+static void gather_by_row_blocks(const int32_t* colptr, const I* row, const I* perm, const int32_t* prp,
+                                 const E* val, E* g, int64_t n_cols, int64_t n_rows, int nt) {
   const int64_t nnz = colptr[n_cols];
   const double row_bytes = double(nnz) / double(n_rows > 0 ? n_rows : 1) * double(sizeof(E));
   const int64_t block = std::max<int64_t>(1, int64_t(double(g_gather_block_bytes) / std::max(row_bytes, 1.0)));
@@ -283,7 +284,7 @@ static void gather_by_row_blocks(const int32_t* colptr, const int32_t* row, cons
       for (int64_t c = c0; c < c1; ++c) {
         int64_t t = cursor[c];
         const int64_t end = colptr[c + 1];
-        for (; t < end && row[t] < r1; ++t) g[t] = val[perm[t]];
+        for (; t < end && index_at(row, t) < r1; ++t) g[t] = val[csr_position(row, perm, prp, t)];
         cursor[c] = t;
       }
     }
@@ -308,10 +309,12 @@ static Arr<A> exact_array(const py::object& obj, const char* what) {
 // or with x_fm (n_cols, B); Y (B, n_rows) or with out_fm (n_rows, B); rp (n_rows + 1), ci and val (nnz); pe (nnz) or
 // null; bias (n_rows) or null. The caller has released the GIL.
 // relu, mask: the epilogue (kernels_impl.h, Epilogue); mask (the same layout as Y) needs out_fm.
-template <class E>
-void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* rp, const int32_t* ci,
-              const E* val, int64_t nnz, const int32_t* pe, const E* bias, E* yp, int64_t n_rows, bool out_fm,
-              int nthreads, bool relu = false, const E* mask = nullptr) {
+// I: the index type of ci and pe (int32_t, or int16_t for a compact pattern, whose perm is read with W's rowptr
+// prp: see sc::csr_position).
+template <class E, class I = int32_t>
+void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* rp, const I* ci,
+              const E* val, int64_t nnz, const I* pe, const E* bias, E* yp, int64_t n_rows, bool out_fm,
+              int nthreads, bool relu = false, const E* mask = nullptr, const int32_t* prp = nullptr) {
   typedef typename compute_of<E>::type S;  // as the kernels compute: float for bf16
   const int nt = threads_for_work(nthreads, nnz * B);
   const int isa = kernel_isa();
@@ -329,13 +332,13 @@ void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* 
   const int64_t value_bytes = nnz * int64_t(sizeof(E));
   if (pe && value_bytes > std::min<int64_t>(int64_t(1) << 20, g_gather_blocked_from)) {
     if (value_bytes > g_gather_blocked_from)
-      gather_by_row_blocks(rp, ci, pe, val, gathered, n_rows, n_cols, nt);
+      gather_by_row_blocks(rp, ci, pe, prp, val, gathered, n_rows, n_cols, nt);
     else {
       E* g = gathered;
 #pragma omp parallel for num_threads(nt) schedule(static)
       for (int64_t t = 0; t < nnz; ++t) {
-        if (t + GATHER_PREFETCH < nnz) __builtin_prefetch(val + pe[t + GATHER_PREFETCH]);
-        g[t] = val[pe[t]];
+        if (t + GATHER_PREFETCH < nnz) __builtin_prefetch(val + csr_position(ci, pe, prp, t + GATHER_PREFETCH));
+        g[t] = val[csr_position(ci, pe, prp, t)];
       }
     }
     val = gathered;
@@ -361,11 +364,11 @@ void spmm_run(const E* xp, int64_t B, int64_t n_cols, bool x_fm, const int32_t* 
     E* yc = out_fm ? yp + c.b0 : yp + c.b0 * n_rows;
     const int64_t ldx = x_fm ? B : n_cols, ldy = out_fm ? B : n_rows;
     const Epilogue<E> ep{relu, mask ? mask + c.b0 : nullptr};
-#define SC_SPMM_ARGS (xc, ldx, x_fm, in_place, c.nb, n_cols, rp, ci, val, pe, gathered, n_rows, bias, yc, ldy, split.data(), nt, buf, by_tile, ep)
-#define GEN(N) (out_fm ? generic::spmm<S, E, E, N, true> SC_SPMM_ARGS : generic::spmm<S, E, E, N, false> SC_SPMM_ARGS)
+#define SC_SPMM_ARGS (xc, ldx, x_fm, in_place, c.nb, n_cols, rp, ci, val, pe, prp, gathered, n_rows, bias, yc, ldy, split.data(), nt, buf, by_tile, ep)
+#define GEN(N) (out_fm ? generic::spmm<S, E, E, N, true, I> SC_SPMM_ARGS : generic::spmm<S, E, E, N, false, I> SC_SPMM_ARGS)
 #ifdef SC_HAVE_AVX2
-#define AVX(N) (out_fm ? avx2::spmm<S, E, E, N, true> SC_SPMM_ARGS : avx2::spmm<S, E, E, N, false> SC_SPMM_ARGS)
-#define A512(N) (out_fm ? avx512::spmm<S, E, E, N, true> SC_SPMM_ARGS : avx512::spmm<S, E, E, N, false> SC_SPMM_ARGS)
+#define AVX(N) (out_fm ? avx2::spmm<S, E, E, N, true, I> SC_SPMM_ARGS : avx2::spmm<S, E, E, N, false, I> SC_SPMM_ARGS)
+#define A512(N) (out_fm ? avx512::spmm<S, E, E, N, true, I> SC_SPMM_ARGS : avx512::spmm<S, E, E, N, false, I> SC_SPMM_ARGS)
 #else
 #define AVX(N) GEN(N)
 #define A512(N) GEN(N)
@@ -413,9 +416,9 @@ void spmm_py(const Arr<A>& X, const Arr<int32_t>& rowptr, const Arr<int32_t>& co
 
 // The work of sddmm_py and sddmm_ptr on checked arguments: dY (B, n_rows) or with dy_fm (n_rows, B); X (B, n_cols) or
 // with x_fm (n_cols, B); rp (n_rows + 1), ci and dv (nnz). E: the storage type. The caller has released the GIL.
-template <class E>
+template <class E, class I = int32_t>
 void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_cols, bool dy_fm, bool x_fm,
-               const int32_t* rp, const int32_t* ci, int64_t nnz, E* dv, int nthreads) {
+               const int32_t* rp, const I* ci, int64_t nnz, E* dv, int nthreads) {
   typedef typename compute_of<E>::type S;
   const int nt = threads_for_work(nthreads, nnz * B);
   const int isa = kernel_isa();
@@ -452,7 +455,10 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
   for (int64_t j = 0; j < n_rows; ++j) {
     int32_t* sj = seg + j * (n_blocks + 1);
     for (int64_t q = 0; q < n_blocks; ++q)
-      sj[q] = static_cast<int32_t>(std::lower_bound(ci + rp[j], ci + rp[j + 1], q * block_cols) - ci);
+      sj[q] = static_cast<int32_t>(
+          std::lower_bound(ci + rp[j], ci + rp[j + 1], q * block_cols,
+                           [](I c, int64_t v) { return int64_t(static_cast<std::make_unsigned_t<I>>(c)) < v; }) -
+          ci);
     sj[n_blocks] = rp[j + 1];
   }
   // Per-thread tiles: each thread transposes the whole X tile and its own rows of dY into buffers of its own, so
@@ -476,11 +482,11 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
     const bool accumulate = c.b0 > 0, finish = ic + 1 == chunks.size();
     const int c_skip = finish ? skip : 0;
 #define SC_SDDMM_ARGS (yc, ldy, dy_fm, xc, ldx, x_fm, in_place, c.nb, n_rows, n_cols, rp, ci, dacc, dv, split.data(), nt, n_blocks, seg, buf, accumulate, finish, private_tiles, c_skip)
-#define GEN(N) generic::sddmm<S, E, E, N> SC_SDDMM_ARGS
+#define GEN(N) generic::sddmm<S, E, E, N, I> SC_SDDMM_ARGS
 #ifdef SC_HAVE_AVX2
-#define AVX(N) avx2::sddmm<S, E, E, N> SC_SDDMM_ARGS
-#define A512(N) avx512::sddmm<S, E, E, N> SC_SDDMM_ARGS
-#define B512(N) avx512bf16::sddmm<S, E, E, N> SC_SDDMM_ARGS
+#define AVX(N) avx2::sddmm<S, E, E, N, I> SC_SDDMM_ARGS
+#define A512(N) avx512::sddmm<S, E, E, N, I> SC_SDDMM_ARGS
+#define B512(N) avx512bf16::sddmm<S, E, E, N, I> SC_SDDMM_ARGS
 #else
 #define AVX(N) GEN(N)
 #define A512(N) GEN(N)
@@ -537,47 +543,64 @@ static void check_ptr_args(const char* name, int dtype, int64_t B, int64_t n_row
   require(rp[0] == 0 && rp[n_rows] == nnz, std::string(name) + ": rowptr must run from 0 to nnz");
 }
 
+// index_bytes: 4 (int32 col and perm) or 2 (int16: a compact pattern, whose perm, when given, holds offsets inside
+// the rows of W, read with W's rowptr perm_rowptr).
 static void spmm_ptr(int dtype, uintptr_t x, int64_t B, int64_t n_cols, bool x_fm, uintptr_t rowptr, uintptr_t col,
                      uintptr_t values, int64_t nnz, uintptr_t perm, uintptr_t bias, uintptr_t y, int64_t n_rows,
-                     bool out_fm, int nthreads, bool relu, uintptr_t mask) {
+                     bool out_fm, int nthreads, bool relu, uintptr_t mask, int index_bytes, uintptr_t perm_rowptr) {
   check_ptr_args("spmm_ptr", dtype, B, n_rows, n_cols, nnz, rowptr, col);
   require(B == 0 || n_rows == 0 || (y != 0 && (n_cols == 0 || x != 0)), "spmm_ptr: missing x or y");
   require(mask == 0 || out_fm, "spmm_ptr: a mask needs a feature-major output");
+  require(index_bytes == 4 || index_bytes == 2, "spmm_ptr: index_bytes must be 4 (int32) or 2 (int16)");
+  require(index_bytes == 4 || perm == 0 || perm_rowptr != 0, "spmm_ptr: int16 perm needs perm_rowptr");
   py::gil_scoped_release nogil;
-  const int32_t *rp = at<const int32_t>(rowptr), *ci = at<const int32_t>(col), *pe = at<const int32_t>(perm);
-#define SC_RUN(E) spmm_run<E>(at<const E>(x), B, n_cols, x_fm, rp, ci, at<const E>(values), nnz, pe, at<const E>(bias), \
-                              at<E>(y), n_rows, out_fm, nthreads, relu, at<const E>(mask))
-  if (dtype == 0) SC_RUN(float);
-  else if (dtype == 1) SC_RUN(double);
-  else SC_RUN(sc::bf16);
+  const int32_t* rp = at<const int32_t>(rowptr);
+  const int32_t* prp = at<const int32_t>(perm_rowptr);
+#define SC_RUN(E, I) spmm_run<E, I>(at<const E>(x), B, n_cols, x_fm, rp, at<const I>(col), at<const E>(values), nnz, \
+                                    at<const I>(perm), at<const E>(bias), at<E>(y), n_rows, out_fm, nthreads, relu,   \
+                                    at<const E>(mask), prp)
+#define SC_RUN_I(E) if (index_bytes == 2) SC_RUN(E, int16_t); else SC_RUN(E, int32_t)
+  if (dtype == 0) SC_RUN_I(float);
+  else if (dtype == 1) SC_RUN_I(double);
+  else SC_RUN_I(sc::bf16);
+#undef SC_RUN_I
 #undef SC_RUN
 }
 
 static void sddmm_ptr(int dtype, uintptr_t dy, uintptr_t x, int64_t B, int64_t n_rows, int64_t n_cols, bool dy_fm,
-                      bool x_fm, uintptr_t rowptr, uintptr_t col, int64_t nnz, uintptr_t out, int nthreads) {
+                      bool x_fm, uintptr_t rowptr, uintptr_t col, int64_t nnz, uintptr_t out, int nthreads,
+                      int index_bytes) {
   check_ptr_args("sddmm_ptr", dtype, B, n_rows, n_cols, nnz, rowptr, col);
   require(nnz == 0 || (out != 0 && (B == 0 || (dy != 0 && x != 0))), "sddmm_ptr: missing dy, x or out");
+  require(index_bytes == 4 || index_bytes == 2, "sddmm_ptr: index_bytes must be 4 (int32) or 2 (int16)");
   py::gil_scoped_release nogil;
-#define SC_RUN(E) sddmm_run<E>(at<const E>(dy), at<const E>(x), B, n_rows, n_cols, dy_fm, x_fm, \
-                               at<const int32_t>(rowptr), at<const int32_t>(col), nnz, at<E>(out), nthreads)
-  if (dtype == 0) SC_RUN(float);
-  else if (dtype == 1) SC_RUN(double);
-  else SC_RUN(sc::bf16);
+#define SC_RUN(E, I) sddmm_run<E, I>(at<const E>(dy), at<const E>(x), B, n_rows, n_cols, dy_fm, x_fm, \
+                                     at<const int32_t>(rowptr), at<const I>(col), nnz, at<E>(out), nthreads)
+#define SC_RUN_I(E) if (index_bytes == 2) SC_RUN(E, int16_t); else SC_RUN(E, int32_t)
+  if (dtype == 0) SC_RUN_I(float);
+  else if (dtype == 1) SC_RUN_I(double);
+  else SC_RUN_I(sc::bf16);
+#undef SC_RUN_I
 #undef SC_RUN
 }
 
 void bind_kernels(py::module_& m) {
   m.def("spmm_ptr", &spmm_ptr,
         "spmm by address (sparsecore.ops): (dtype, x, B, n_cols, x_fm, rowptr, col, values, nnz, perm or 0, bias or "
-        "0, y, n_rows, out_fm, nthreads, relu=False, mask=0); relu: y = max(y, 0) as torch.relu; mask (the address "
-        "of a tensor laid out as y, feature-major y only): y = 0 where mask <= 0, as threshold_backward; no layout "
-        "checks: callers pass checked tensors",
+        "0, y, n_rows, out_fm, nthreads, relu=False, mask=0, index_bytes=4, perm_rowptr=0); relu: y = max(y, 0) as "
+        "torch.relu; mask (the address of a tensor laid out as y, feature-major y only): y = 0 where mask <= 0, as "
+        "threshold_backward; index_bytes 2: int16 col and perm (a compact pattern: perm holds offsets inside W's "
+        "rows, W's rowptr at perm_rowptr); no layout checks: callers pass checked tensors",
         py::arg("dtype"), py::arg("x"), py::arg("B"), py::arg("n_cols"), py::arg("x_fm"), py::arg("rowptr"),
         py::arg("col"), py::arg("values"), py::arg("nnz"), py::arg("perm"), py::arg("bias"), py::arg("y"),
-        py::arg("n_rows"), py::arg("out_fm"), py::arg("nthreads"), py::arg("relu") = false, py::arg("mask") = 0);
+        py::arg("n_rows"), py::arg("out_fm"), py::arg("nthreads"), py::arg("relu") = false, py::arg("mask") = 0,
+        py::arg("index_bytes") = 4, py::arg("perm_rowptr") = 0);
   m.def("sddmm_ptr", &sddmm_ptr,
         "sddmm by address (sparsecore.ops): (dtype, dy, x, B, n_rows, n_cols, dy_fm, x_fm, rowptr, col, nnz, out, "
-        "nthreads); no layout checks: callers pass checked tensors");
+        "nthreads, index_bytes=4); index_bytes 2: int16 col; no layout checks: callers pass checked tensors",
+        py::arg("dtype"), py::arg("dy"), py::arg("x"), py::arg("B"), py::arg("n_rows"), py::arg("n_cols"),
+        py::arg("dy_fm"), py::arg("x_fm"), py::arg("rowptr"), py::arg("col"), py::arg("nnz"), py::arg("out"),
+        py::arg("nthreads"), py::arg("index_bytes") = 4);
   m.def("spmm", &spmm_py<float>, py::arg("x").noconvert(), py::arg("rowptr").noconvert(),
         py::arg("col").noconvert(), py::arg("values").noconvert(), py::arg("perm"), py::arg("bias"),
         py::arg("out").noconvert(), py::arg("nthreads"), py::arg("x_fm") = false, py::arg("out_fm") = false);

@@ -474,8 +474,12 @@ constexpr int ROW_BLOCK = 64;
 // broadcast, and each output rounded once, in store_rows). TE: that of the tile Xt (S, or bf16, widened on load).
 constexpr int64_t GATHER_AHEAD = 64;
 
-template <class S, class E, class TE, int NV, bool GATHER, bool FMY>
-inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, const int32_t* perm, E* gval,
+//
+// I: the index type of col and perm: int32_t, with perm[k] the CSR position of transposed entry k; or int16_t (a
+// compact pattern, see sparsecore/pattern.py), with perm[k] its offset inside W's row col[k], so that the CSR
+// position is prp[col[k]] + perm[k] (prp: W's rowptr; only read with GATHER and int16_t indices).
+template <class S, class E, class TE, int NV, bool GATHER, bool FMY, class I>
+inline void spmm_rows(const int32_t* rp, const I* col, const E* values, const I* perm, const int32_t* prp, E* gval,
                       const TE* Xt, int64_t ldt, const E* bias, E* Y, int64_t ldy, int64_t b0, int tb, int64_t r0,
                       int64_t r1, Epilogue<E> ep) {
   constexpr int L = lanes<S>();
@@ -489,7 +493,7 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
   for (int64_t j = r0; j < r1; ++j) {
     if (GATHER) {
       const int64_t need = rp[j + 1] + GATHER_AHEAD < gend ? rp[j + 1] + GATHER_AHEAD : gend;
-      for (; gk < need; ++gk) gval[gk] = values[perm[gk]];
+      for (; gk < need; ++gk) gval[gk] = values[sc::csr_position(col, perm, prp, gk)];
     }
     // U live connections per iteration on separate accumulators hide the FMA and L2 latencies; U * NV
     // accumulators and U broadcasts must fit the 16 vector registers.
@@ -501,23 +505,27 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
     const int64_t e = rp[j + 1];
     for (; k + U - 1 < e; k += U) {
       if (GATHER && gk + U <= gend) {
-        for (int u = 0; u < U; ++u) gval[gk + u] = values[perm[gk + u]];
+        for (int u = 0; u < U; ++u) gval[gk + u] = values[sc::csr_position(col, perm, prp, gk + u)];
         gk += U;
       }
-      // Column indices two per 64-bit load: the loop is bound by load ports, not by arithmetic.
+      // int32 column indices two per 64-bit load: the loop is bound by load ports, not by arithmetic.
       uint64_t cc[(U + 1) / 2];
-      if constexpr (U == 1) cc[0] = static_cast<uint32_t>(col[k]);
-      else
-        for (int u = 0; u < U / 2; ++u) __builtin_memcpy(&cc[u], col + k + 2 * u, 8);
+      if constexpr (sizeof(I) == 4) {
+        if constexpr (U == 1) cc[0] = static_cast<uint32_t>(col[k]);
+        else
+          for (int u = 0; u < U / 2; ++u) __builtin_memcpy(&cc[u], col + k + 2 * u, 8);
+      }
       for (int u = 0; u < U; ++u) {
-        const uint64_t ci = (u & 1) ? (cc[u / 2] >> 32) : static_cast<uint32_t>(cc[u / 2]);
+        uint64_t ci;
+        if constexpr (sizeof(I) == 4) ci = (u & 1) ? (cc[u / 2] >> 32) : static_cast<uint32_t>(cc[u / 2]);
+        else ci = static_cast<uint16_t>(col[k + u]);
         const TE* x = Xt + static_cast<int64_t>(ci) * ldt;
         tile_row_fma<S, TE, NV>(acc[u], vsplat_as<S>(val + k + u), x);
       }
     }
     V<S>* a = acc[0];
     for (; k < e; ++k) {
-      const TE* x0 = Xt + static_cast<int64_t>(col[k]) * ldt;
+      const TE* x0 = Xt + sc::index_at(col, k) * ldt;
       tile_row_fma<S, TE, NV>(a, vsplat_as<S>(val + k), x0);
     }
     for (int u = 1; u < U; ++u)
@@ -556,10 +564,10 @@ inline void spmm_rows(const int32_t* rp, const int32_t* col, const E* values, co
 // Layouts: X is row-major (B rows ldx apart; its tiles are transposed into buf) or, with x_fm, feature-major
 // (n_cols rows of ldx batch entries; a full tile is read in place). Y is row-major (ldy = its row length) or, with
 // FMY, feature-major (n_rows rows ldy apart): each output row of a tile is then stored as it is finished.
-template <class S, class E, class TE, int NV, bool FMY>
+template <class S, class E, class TE, int NV, bool FMY, class I>
 void spmm(const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B, int64_t n_cols, const int32_t* rp,
-          const int32_t* col, const E* values, const int32_t* perm, E* gval, int64_t n_rows, const E* bias, E* Y,
-          int64_t ldy, const int64_t* split, int nt, TE* buf, bool by_tile, Epilogue<E> ep) {
+          const I* col, const E* values, const I* perm, const int32_t* prp, E* gval, int64_t n_rows, const E* bias,
+          E* Y, int64_t ldy, const int64_t* split, int nt, TE* buf, bool by_tile, Epilogue<E> ep) {
   constexpr int T = NV * lanes<S>();
   const int64_t n_tiles = (B + T - 1) / T;
   const int64_t head = by_tile ? (perm ? 1 : 0) : n_tiles;              // tiles [0, head) by rows
@@ -583,14 +591,14 @@ void spmm(const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B, int64_t 
 #pragma omp barrier
       for (int p = tid; p < nt; p += nth) {
         if (!perm)
-          spmm_rows<S, E, TE, NV, false, FMY>(rp, col, values, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb,
-                                              split[p], split[p + 1], ep);
+          spmm_rows<S, E, TE, NV, false, FMY, I>(rp, col, values, nullptr, nullptr, nullptr, xt.p, xt.ld, bias, Y,
+                                                 ldy, b0, tb, split[p], split[p + 1], ep);
         else if (n == 0)
-          spmm_rows<S, E, TE, NV, true, FMY>(rp, col, values, perm, gval, xt.p, xt.ld, bias, Y, ldy, b0, tb,
-                                             split[p], split[p + 1], ep);
+          spmm_rows<S, E, TE, NV, true, FMY, I>(rp, col, values, perm, prp, gval, xt.p, xt.ld, bias, Y, ldy, b0,
+                                                tb, split[p], split[p + 1], ep);
         else
-          spmm_rows<S, E, TE, NV, false, FMY>(rp, col, gval, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb,
-                                              split[p], split[p + 1], ep);
+          spmm_rows<S, E, TE, NV, false, FMY, I>(rp, col, gval, nullptr, nullptr, nullptr, xt.p, xt.ld, bias, Y,
+                                                 ldy, b0, tb, split[p], split[p + 1], ep);
       }
       if (x_fm) {  // the next tile's copy may reuse `own`: no thread may still read this one (rows of other threads)
 #pragma omp barrier
@@ -607,8 +615,8 @@ void spmm(const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B, int64_t 
         const int64_t b0 = n * T;
         const int tb = static_cast<int>(B - b0 < T ? B - b0 : T);
         const TileView<S, E, TE> xt = tile_view<S>(X, ldx, x_fm, b0, tb, T, 0, n_cols, own, in_place);
-        spmm_rows<S, E, TE, NV, false, FMY>(rp, col, val, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy, b0, tb, 0,
-                                            n_rows, ep);
+        spmm_rows<S, E, TE, NV, false, FMY, I>(rp, col, val, nullptr, nullptr, nullptr, xt.p, xt.ld, bias, Y, ldy,
+                                               b0, tb, 0, n_rows, ep);
       }
       // The tail tiles reuse the shared buffers, which overlap the per-thread ones.
       if (head + n_whole < n_tiles) {
@@ -743,18 +751,18 @@ inline void sddmm_put(V4<S> r, int n, bool first, bool last, S* dacc, E* dout, i
 
 // dW[k] (+)= <dy, Xt[col[k]]> over one batch tile for the entries k in [k, e) of a row whose dY^T tile row is
 // dy. Entries go four at a time so the horizontal sums share one reduce4; the tail is zero-padded.
-template <class S, class E, class TE, int NV>
-inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, int64_t ldt, const int32_t* col, int64_t k,
+template <class S, class E, class TE, int NV, class I>
+inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, int64_t ldt, const I* col, int64_t k,
                           int64_t e, bool first, bool last, S* dacc, E* dout) {
   for (; k + 3 < e; k += 4) {
     V<S> s[4];
-    for (int u = 0; u < 4; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * ldt);
+    for (int u = 0; u < 4; ++u) s[u] = dy.dot(xt + sc::index_at(col, k + u) * ldt);
     sddmm_put<S, E>(reduce4<S>(s), 4, first, last, dacc, dout, k);
   }
   if (k == e) return;
   const int n = static_cast<int>(e - k);
   V<S> s[4] = {V<S>{}, V<S>{}, V<S>{}, V<S>{}};
-  for (int u = 0; u < n; ++u) s[u] = dy.dot(xt + static_cast<int64_t>(col[k + u]) * ldt);
+  for (int u = 0; u < n; ++u) s[u] = dy.dot(xt + sc::index_at(col, k + u) * ldt);
   sddmm_put<S, E>(reduce4<S>(s), n, first, last, dacc, dout, k);
 }
 
@@ -775,9 +783,9 @@ inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, int64_t ldt,
 // skip: the first `skip` batch rows of the first tile were summed by the call before (a last tile shifted back to
 // end at the batch's end, see shift_last_tile in kernels.cpp): their lanes of each dY^T tile row are zeroed as the
 // row is loaded, once per row, so every load of the tiles stays a whole vector. Not for bf16 tiles (0 there).
-template <class S, class E, class TE, int NV>
+template <class S, class E, class TE, int NV, class I>
 void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B,
-           int64_t n_rows, int64_t n_cols, const int32_t* rp, const int32_t* col, S* dacc, E* dout,
+           int64_t n_rows, int64_t n_cols, const int32_t* rp, const I* col, S* dacc, E* dout,
            const int64_t* split, int nt, int64_t n_blocks, const int32_t* seg, TE* buf, bool accumulate, bool finish,
            bool private_tiles, int skip) {
   constexpr int L = lanes<S>();
@@ -830,7 +838,7 @@ void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x
             if constexpr (!sc::is_bf16<TE>()) {
               if (masked) dy.keep_only(keep);
             }
-            sddmm_segment<S, E, TE, NV>(dy, xt.p, xt.ld, col, sj[q], sj[q + 1], first, last, dacc, dout);
+            sddmm_segment<S, E, TE, NV, I>(dy, xt.p, xt.ld, col, sj[q], sj[q + 1], first, last, dacc, dout);
           }
         }
       }

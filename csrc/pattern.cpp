@@ -57,37 +57,54 @@ py::tuple build_csr(const Arr<int64_t>& rows, const Arr<int64_t>& cols, int64_t 
 }
 
 // Column-ordered index of a CSR structure by a stable counting sort, O(nnz + n_cols):
-// colptr int32 (n_cols+1,), row int32 (nnz,) ascending inside each column, and perm int32 (nnz,) with
-// perm[t] = the CSR position of transposed entry t, so W^T's values are values[perm].
-py::tuple transpose_index(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, int64_t n_cols) {
+// colptr int32 (n_cols+1,), row (nnz,) ascending inside each column, and perm (nnz,) with perm[t] = the CSR
+// position of transposed entry t, so W^T's values are values[perm]. row and perm are int32, or with `compact`
+// int16 (sparsecore/pattern.py's compact patterns: both dimensions at most 32768) with perm[t] the offset of the
+// entry inside its row, the CSR position being rowptr[row[t]] + perm[t].
+template <class I>
+static void transpose_into(const int32_t* rp, const int32_t* co, int64_t n_rows, int64_t n_cols, int32_t* cp, I* ro,
+                           I* pe, bool offsets) {
+  std::fill(cp, cp + n_cols + 1, 0);
+  for (int64_t k = 0; k < rp[n_rows]; ++k) cp[co[k] + 1]++;
+  for (int64_t j = 0; j < n_cols; ++j) cp[j + 1] += cp[j];
+  // colptr is its own cursor (it ends one column ahead and is shifted back): nothing per column is allocated
+  // beyond colptr, which matters for very wide layers of few entries.
+  for (int64_t i = 0; i < n_rows; ++i) {
+    for (int32_t k = rp[i]; k < rp[i + 1]; ++k) {
+      const int32_t t = cp[co[k]]++;
+      ro[t] = static_cast<I>(i);
+      pe[t] = static_cast<I>(offsets ? k - rp[i] : k);
+    }
+  }
+  for (int64_t j = n_cols; j > 0; --j) cp[j] = cp[j - 1];
+  cp[0] = 0;
+}
+
+py::tuple transpose_index(const Arr<int32_t>& rowptr, const Arr<int32_t>& col, int64_t n_cols, bool compact) {
   const int64_t n_rows = numel(rowptr) - 1;
   require(n_rows >= 0, "rowptr must have at least one element");
   const int32_t* rp = cptr(rowptr);
   const int32_t* co = cptr(col);
   const int64_t nnz = numel(col);
   require(rp[n_rows] == nnz, "rowptr[-1] must equal len(col)");
+  require(!compact || (n_rows <= COMPACT_MAX_DIM && n_cols <= COMPACT_MAX_DIM),
+          "a compact (int16) transpose index needs both dimensions at most 32768");
   Arr<int32_t> colptr(n_cols + 1);
-  Arr<int32_t> row(nnz);
-  Arr<int32_t> perm(nnz);
   int32_t* cp = mptr(colptr);
-  int32_t* ro = mptr(row);
-  int32_t* pe = mptr(perm);
+  if (compact) {
+    Arr<int16_t> row(nnz), perm(nnz);
+    int16_t *ro = mptr(row), *pe = mptr(perm);
+    {
+      py::gil_scoped_release nogil;
+      transpose_into(rp, co, n_rows, n_cols, cp, ro, pe, true);
+    }
+    return py::make_tuple(colptr, row, perm);
+  }
+  Arr<int32_t> row(nnz), perm(nnz);
+  int32_t *ro = mptr(row), *pe = mptr(perm);
   {
     py::gil_scoped_release nogil;
-    std::fill(cp, cp + n_cols + 1, 0);
-    for (int64_t k = 0; k < nnz; ++k) cp[co[k] + 1]++;
-    for (int64_t j = 0; j < n_cols; ++j) cp[j + 1] += cp[j];
-    // colptr is its own cursor (it ends one column ahead and is shifted back): nothing per column is allocated
-    // beyond colptr, which matters for very wide layers of few entries.
-    for (int64_t i = 0; i < n_rows; ++i) {
-      for (int32_t k = rp[i]; k < rp[i + 1]; ++k) {
-        const int32_t t = cp[co[k]]++;
-        ro[t] = static_cast<int32_t>(i);
-        pe[t] = k;
-      }
-    }
-    for (int64_t j = n_cols; j > 0; --j) cp[j] = cp[j - 1];
-    cp[0] = 0;
+    transpose_into(rp, co, n_rows, n_cols, cp, ro, pe, false);
   }
   return py::make_tuple(colptr, row, perm);
 }

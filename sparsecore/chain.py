@@ -139,7 +139,7 @@ class _RunFunction(torch.autograd.Function):
                 dy = None
                 break
             relu_before = k > 0 and links[k - 1].relu
-            dy = _spmm_t_impl(dy, params[2 * k], p.colptr, p.row, p.perm, p.shape[1], p.block_size,
+            dy = _spmm_t_impl(dy, params[2 * k], p.rowptr, p.colptr, p.row, p.perm, p.shape[1], p.block_size,
                               _is_fm(acts[k]), mask=acts[k] if relu_before else None)
         return (dy, None, *grads)
 

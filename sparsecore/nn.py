@@ -1,9 +1,13 @@
 """``SparseLinear``, a drop-in for ``nn.Linear`` that stores and computes only its live connections.
 
 The weight is ``values``: one ``nn.Parameter`` of shape ``(nnz,)`` (CSR) or ``(nnz, bs, bs)`` (BSR) in CSR order,
-so any ``torch.optim`` optimizer works on it unchanged and memory is O(nnz). The structure lives in int32
-buffers (``rowptr, col, colptr, row, perm``: see :mod:`sparsecore.pattern`), so ``.to()``, ``state_dict`` and
-``deepcopy`` carry it. Forward and backward never build the dense ``(out, in)`` weight.
+so any ``torch.optim`` optimizer works on it unchanged and memory is O(nnz). The structure lives in buffers
+(``rowptr, col, colptr, row, perm``: see :mod:`sparsecore.pattern`), so ``.to()``, ``state_dict``, ``deepcopy``
+and DDP's broadcast carry it. Forward and backward never build the dense ``(out, in)`` weight.
+
+A compact pattern's int16 ``col``, ``row`` and ``perm`` are held as buffers of their bytes (uint8, twice as
+long): torch.distributed's gloo and NCCL backends cannot broadcast int16 tensors, and DDP broadcasts every buffer
+when it wraps a model. ``layer.pattern`` gives them as int16, and so does ``state_dict()``.
 
 :func:`sparsify` swaps the ``nn.Linear`` modules of a model for ``SparseLinear`` ones; it leaves dense the linears
 whose parent module computes with their ``.weight`` directly (``nn.MultiheadAttention``'s ``out_proj``), and names
@@ -28,7 +32,19 @@ __all__ = ["SparseLinear", "sparsify", "reset_optimizer_state"]
 
 _PATTERN_BUFFERS = ("rowptr", "col", "colptr", "row", "perm")
 _TRANSPOSE_BUFFERS = ("colptr", "row", "perm")
+_ENTRY_INDEX_BUFFERS = ("col", "row", "perm")  # int16 in a compact pattern
 _STATE_FORMAT = 1  # version of the layer's entry in a state_dict ("_extra_state")
+
+
+def _buffer_form(t: Tensor) -> Tensor:
+    """A pattern tensor as the layer holds it: int16 (a compact pattern's entry indices) as its bytes, a uint8
+    view of the same memory (see the module docstring); anything else as it is."""
+    return t.view(torch.uint8) if t.dtype == torch.int16 else t
+
+
+def _index_form(b: Tensor) -> Tensor:
+    """The inverse of :func:`_buffer_form`: the int16 indices a uint8 buffer holds (a view, no copy)."""
+    return b.view(torch.int16) if b.dtype == torch.uint8 else b
 
 
 # ----------------------------------------------------------------------------------------------- argument checks
@@ -76,6 +92,11 @@ def _check_entries(out_f: int, in_f: int, bs: int, density: float) -> None:
     if entries > INT32_MAX:
         raise ValueError(f"density {density} of a ({out_f}, {in_f}) layer asks for {entries:,} "
                          f"{'entries' if bs == 1 else 'blocks'}, more than the int32 indices hold (2**31 - 1)")
+
+
+def _perm_offsets(pattern: Pattern) -> Tensor:
+    """Each transposed entry's offset inside its row, int64 (nnz,): a compact pattern's perm, for any pattern."""
+    return pattern.csr_positions() - pattern.rowptr.to(torch.int64)[pattern.row.to(torch.int64)]
 
 
 def _random_pattern(out_f: int, in_f: int, density: float, block_size: int,
@@ -141,7 +162,7 @@ class SparseLinear(nn.Module):
                              f"{(out_f, in_f)}")
         factory = {"device": device, "dtype": dtype}
         for name, t in pattern.tensors().items():
-            self.register_buffer(name, t if device is None else t.to(device))
+            self.register_buffer(name, _buffer_form(t if device is None else t.to(device)))
         self.block_size = pattern.block_size
         self.values = nn.Parameter(torch.empty(pattern.values_shape, **factory))
         self.bias = nn.Parameter(torch.empty(out_f, **factory)) if bias else None
@@ -165,7 +186,7 @@ class SparseLinear(nn.Module):
         # Read from _buffers directly: nn.Module.__getattr__ costs ~1 us per name, and this runs every forward.
         b = self._buffers
         return Pattern((self.out_features, self.in_features), self.block_size,
-                       **{n: b[n] for n in _PATTERN_BUFFERS})
+                       **{n: _index_form(b[n]) for n in _PATTERN_BUFFERS})
 
     def set_pattern(self, pattern: Pattern, values: Tensor) -> None:
         """Install a new structure and its values (CSR order). Keeps the same ``values`` Parameter object (it
@@ -184,7 +205,7 @@ class SparseLinear(nn.Module):
         dev = self.values.device
         new_values = values.detach().to(dev, self.values.dtype)
         for name, t in pattern.tensors().items():
-            setattr(self, name, t.to(dev))
+            setattr(self, name, _buffer_form(t.to(dev)))
         with torch.no_grad():
             if new_values.shape == self.values.shape:
                 self.values.copy_(new_values)
@@ -226,7 +247,18 @@ class SparseLinear(nn.Module):
             raise AttributeError("SparseLinear.weight is a dense view built from values and the pattern; it cannot "
                                  "be assigned (tying it to another module's weight is not supported). Assign values, "
                                  "or use set_pattern(pattern, values).")
+        if name in _ENTRY_INDEX_BUFFERS and isinstance(value, Tensor):
+            value = _buffer_form(value)
         super().__setattr__(name, value)
+
+    def __getattr__(self, name: str):
+        # layer.col / .row / .perm read as the pattern has them (int16 for a compact pattern), not as the bytes the
+        # buffers hold; everything else as nn.Module finds it.
+        if name in _ENTRY_INDEX_BUFFERS:
+            b = self.__dict__.get("_buffers", {})
+            if name in b:
+                return _index_form(b[name])
+        return super().__getattr__(name)
 
     def _warn_dense_weight_grad(self, grad: Tensor) -> None:
         if not self._warned_dense_weight:
@@ -292,6 +324,13 @@ class SparseLinear(nn.Module):
     def set_extra_state(self, state) -> None:  # checked and applied by _load_from_state_dict
         pass
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for name in _PATTERN_BUFFERS:  # a compact pattern's indices as int16, not as the bytes the buffers hold
+            key = prefix + name
+            if key in destination:
+                destination[key] = _index_form(destination[key])
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         """Validate everything this layer would take from ``state_dict``, then commit it (or change nothing and
@@ -328,7 +367,7 @@ class SparseLinear(nn.Module):
             if assign:  # load_state_dict(assign=True): take the checkpoint's tensors (e.g. onto a meta-device model)
                 dev = values.device
                 for name, t in pattern.tensors().items():
-                    setattr(self, name, t.to(dev))
+                    setattr(self, name, _buffer_form(t.to(dev)))
                 self.values = nn.Parameter(values.detach(), requires_grad=self.values.requires_grad)
             else:
                 self._install(pattern, values)
@@ -402,10 +441,14 @@ class SparseLinear(nn.Module):
                 t = got.get(name)
                 if t is None:
                     missing_keys.append(prefix + name)
-                elif t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
+                    continue
+                if t.is_floating_point() or t.is_complex() or t.dtype == torch.bool:
                     errors.append(f"{prefix}{name} must be an integer tensor, got {t.dtype}")
-                elif tuple(t.shape) != tuple(rebuilt[name].shape) or not torch.equal(
-                        t.detach().to("cpu", torch.int64), rebuilt[name].to(torch.int64)):
+                    continue
+                want = rebuilt[name].to(torch.int64)
+                if name == "perm":  # int16: offsets inside rows (a compact pattern); else CSR positions
+                    want = _perm_offsets(pattern) if t.dtype == torch.int16 else pattern.csr_positions()
+                if tuple(t.shape) != tuple(want.shape) or not torch.equal(t.detach().to("cpu", torch.int64), want):
                     errors.append(f"{prefix}{name} is not the transpose index of {prefix}rowptr/{prefix}col: the "
                                   f"checkpoint is damaged or was edited")
         else:

@@ -112,9 +112,20 @@ def _csr_layout(t: Tensor) -> bool:
 
 
 def _check_index(*ts: Tensor) -> None:
+    """rowptr / colptr: contiguous int32."""
     for t in ts:
         if t.dtype != torch.int32 or not t.is_contiguous():
             raise TypeError(f"pattern index tensors must be contiguous int32, got {t.dtype}")
+
+
+def _index_bytes(*ts: Tensor) -> int:
+    """The width of the entry indices (col, row, perm): 4 (int32) or 2 (int16, a compact pattern), one for all."""
+    dtype = ts[0].dtype
+    for t in ts:
+        if t.dtype not in (torch.int32, torch.int16) or t.dtype != dtype or not t.is_contiguous():
+            raise TypeError(f"pattern entry indices (col, row, perm) must be contiguous int32, or int16 for a compact "
+                            f"pattern, all of one dtype; got {[u.dtype for u in ts]}")
+    return 2 if dtype == torch.int16 else 4
 
 
 def _values_ptr(values: Tensor, index: Tensor, dtype: torch.dtype) -> int:
@@ -123,7 +134,6 @@ def _values_ptr(values: Tensor, index: Tensor, dtype: torch.dtype) -> int:
     if values.shape != index.shape or not values.is_contiguous() or values.dtype != dtype:
         raise ValueError(f"values must be contiguous {dtype} with shape {tuple(index.shape)}, got {values.dtype} "
                          f"{tuple(values.shape)}")
-    _check_index(index)
     return values.data_ptr()
 
 
@@ -160,7 +170,8 @@ def _spmm_impl(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor
             bias = bias.contiguous()
         _C.spmm_ptr(_DTYPE_CODE[x.dtype], x.data_ptr(), x.shape[0], x.shape[1], x_fm, rowptr.data_ptr(),
                     col.data_ptr(), _values_ptr(values, col, x.dtype), col.shape[0], 0,
-                    _bias_ptr(bias, n_out, x.dtype), y.data_ptr(), n_out, out_fm, torch.get_num_threads(), relu)
+                    _bias_ptr(bias, n_out, x.dtype), y.data_ptr(), n_out, out_fm, torch.get_num_threads(), relu, 0,
+                    _index_bytes(col))
         return y
     b = None if bias is None else _np(bias)
     x = _row_major(x)
@@ -174,15 +185,16 @@ def _relu_mask(dx: Tensor, mask: Optional[Tensor]) -> Tensor:
     return dx if mask is None else torch.ops.aten.threshold_backward(dx, mask, 0)
 
 
-def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: Tensor, n_in: int,
+def _spmm_t_impl(dy: Tensor, values: Tensor, rowptr: Tensor, colptr: Tensor, row: Tensor, perm: Tensor, n_in: int,
                  block_size: int, out_fm: Optional[bool] = None, mask: Optional[Tensor] = None) -> Tensor:
     """dx (B, n_in) = dy W; layouts as in :func:`_spmm_impl` (dx feature-major with ``out_fm``, default dy's).
     With ``mask`` (the output of a ReLU whose input was x, shaped as dx), the ReLU's backward too: dx = 0 where
-    mask <= 0 (fused into the C++ CSR kernel's stores when dx is feature-major and laid out as mask)."""
+    mask <= 0 (fused into the C++ CSR kernel's stores when dx is feature-major and laid out as mask). W's
+    ``rowptr`` is read for a compact pattern, whose ``perm`` holds offsets inside rows."""
     if resolve(dy.device) == "triton":
         tk = _triton()
         if block_size == 1:
-            return _relu_mask(tk.csr_spmm_t(dy, values, colptr, row, perm, n_in), mask)
+            return _relu_mask(tk.csr_spmm_t(dy, values, colptr, row, perm, n_in, rowptr=rowptr), mask)
         return _relu_mask(tk.bsr_spmm_t(_row_major(dy), values, colptr, row, perm, n_in), mask)
     if block_size == 1:
         dy_fm = _csr_layout(dy)
@@ -192,12 +204,18 @@ def _spmm_t_impl(dy: Tensor, values: Tensor, colptr: Tensor, row: Tensor, perm: 
         dx = _empty(dy.shape[0], n_in, dy.dtype, out_fm)
         if perm.shape != row.shape:
             raise ValueError(f"spmm_t: perm has shape {tuple(perm.shape)}, row {tuple(row.shape)}")
-        _check_index(colptr, perm)
+        _check_index(colptr)
+        index_bytes = _index_bytes(row, perm)
+        if index_bytes == 2:
+            _check_index(rowptr)
+            if rowptr.shape[0] != dy.shape[1] + 1:
+                raise ValueError(f"spmm_t: rowptr has {rowptr.shape[0]} entries for {dy.shape[1]} output rows")
         fused = (mask is not None and out_fm and mask.dtype == dx.dtype and mask.shape == dx.shape
                  and mask.stride() == dx.stride() and mask.device == dx.device)
         _C.spmm_ptr(_DTYPE_CODE[dy.dtype], dy.data_ptr(), dy.shape[0], dy.shape[1], dy_fm, colptr.data_ptr(),
                     row.data_ptr(), _values_ptr(values, row, dy.dtype), row.shape[0], perm.data_ptr(), 0,
-                    dx.data_ptr(), n_in, out_fm, torch.get_num_threads(), False, mask.data_ptr() if fused else 0)
+                    dx.data_ptr(), n_in, out_fm, torch.get_num_threads(), False, mask.data_ptr() if fused else 0,
+                    index_bytes, rowptr.data_ptr() if index_bytes == 2 else 0)
         return dx if fused else _relu_mask(dx, mask)
     dy = _row_major(dy)
     dx = torch.empty(dy.shape[0], n_in, dtype=dy.dtype)
@@ -222,9 +240,10 @@ def _sddmm_impl(dy: Tensor, x: Tensor, rowptr: Tensor, col: Tensor, block_size: 
         if x.dtype != dy.dtype or x.shape[0] != dy.shape[0] or dy.shape[1] != rowptr.shape[0] - 1:
             raise ValueError(f"sddmm: dy {tuple(dy.shape)} {dy.dtype} and x {tuple(x.shape)} {x.dtype} do not match "
                              f"a pattern of {rowptr.shape[0] - 1} rows")
-        _check_index(rowptr, col)
+        _check_index(rowptr)
         _C.sddmm_ptr(_DTYPE_CODE[dy.dtype], dy.data_ptr(), x.data_ptr(), dy.shape[0], dy.shape[1], x.shape[1], dy_fm,
-                     x_fm, rowptr.data_ptr(), col.data_ptr(), nnz, out.data_ptr(), torch.get_num_threads())
+                     x_fm, rowptr.data_ptr(), col.data_ptr(), nnz, out.data_ptr(), torch.get_num_threads(),
+                     _index_bytes(col))
     else:
         _cpu_kernel("bsr_sddmm", dy.dtype)(_np(_row_major(dy)), _np(_row_major(x)), _np(rowptr), _np(col), _np(out),
                                            torch.get_num_threads())
@@ -257,7 +276,7 @@ def _(x, values, bias, rowptr, col, colptr, row, perm, n_out, block_size):
 def spmm_t(dy: Tensor, values: Tensor, rowptr: Tensor, col: Tensor, colptr: Tensor, row: Tensor, perm: Tensor,
            n_in: int, block_size: int) -> Tensor:
     """dx (B, n_in) = dy (B, out) W, over the column-ordered index (W^T's values are values[perm])."""
-    return _spmm_t_impl(_row_major(dy), values, colptr, row, perm, n_in, block_size, out_fm=False)
+    return _spmm_t_impl(_row_major(dy), values, rowptr, colptr, row, perm, n_in, block_size, out_fm=False)
 
 
 @spmm_t.register_fake
@@ -392,7 +411,7 @@ for _op in (spmm, spmm_t, sddmm):
 def _eager_spmm_t(dy, values, p, out_fm=None):
     if torch.is_grad_enabled() and (dy.requires_grad or values.requires_grad):
         return _EagerSpmmT.apply(dy, values, p)
-    return _spmm_t_impl(dy, values, p.colptr, p.row, p.perm, p.shape[1], p.block_size, out_fm)
+    return _spmm_t_impl(dy, values, p.rowptr, p.colptr, p.row, p.perm, p.shape[1], p.block_size, out_fm)
 
 
 def _eager_sddmm(dy, x, p):
@@ -437,8 +456,8 @@ class _EagerSpmmT(torch.autograd.Function):
     def forward(ctx, dy, values, pattern):
         ctx.save_for_backward(dy, values)
         ctx.pattern = pattern
-        return _spmm_t_impl(dy, values, pattern.colptr, pattern.row, pattern.perm, pattern.shape[1],
-                            pattern.block_size)
+        return _spmm_t_impl(dy, values, pattern.rowptr, pattern.colptr, pattern.row, pattern.perm,
+                            pattern.shape[1], pattern.block_size)
 
     @staticmethod
     def backward(ctx, g):

@@ -142,7 +142,7 @@ def _csr_case(dtype, batch=4096, out_f=1024, in_f=1024, density=0.01):
     dy = torch.randn(batch, out_f, generator=g).to(dtype)
     b = torch.randn(out_f, generator=g).to(dtype)
     return {"fwd": lambda: tk.csr_spmm(x, v, rowptr, col, out_f, b),
-            "dx": lambda: tk.csr_spmm_t(dy, v, colptr, row, perm, in_f),
+            "dx": lambda: tk.csr_spmm_t(dy, v, colptr, row, perm, in_f, rowptr=rowptr),
             "dw": lambda: tk.csr_sddmm(dy, x, rowptr, col)}
 
 

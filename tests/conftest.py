@@ -62,6 +62,28 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+@pytest.fixture
+def threads(request):
+    """torch's thread count for the test, from ``parametrize("threads", [...], indirect=True)``; restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(request.param)
+    try:
+        yield request.param
+    finally:
+        torch.set_num_threads(old)
+
+
+@pytest.fixture(params=["compact", "int32"])
+def index_form(request, monkeypatch):
+    """Run the test with the patterns it builds in each index form: compact (int16 col, row and perm offsets, what
+    every test-sized CSR pattern gets) and int32 (what layers wider than 32768 get), by lowering the limit."""
+    import sparsecore.pattern
+
+    if request.param == "int32":
+        monkeypatch.setattr(sparsecore.pattern, "COMPACT_MAX_DIM", 0)
+    return request.param
+
+
 def reference(x, w, b, dy):
     x64, w64 = x.detach().double().requires_grad_(), w.detach().double().requires_grad_()
     b64 = None if b is None else b.detach().double().requires_grad_()

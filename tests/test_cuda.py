@@ -183,7 +183,7 @@ class Case:
         dy = self.dy if dy is None else dy
         v = self.values if values is None else values
         if self.bs == 1:
-            return tk.csr_spmm_t(dy, v, self.colptr, self.row, self.perm, self.in_f)
+            return tk.csr_spmm_t(dy, v, self.colptr, self.row, self.perm, self.in_f, rowptr=self.rowptr)
         return tk.bsr_spmm_t(dy, v, self.colptr, self.row, self.perm, self.in_f)
 
     def dw(self, dy=None, x=None):
@@ -289,7 +289,7 @@ def test_every_config(layout, kernel, cfg):
     if layout == "csr" and kernel == "spmm":
         close(csr._spmm_launch(c.x, c.values, c.rowptr, c.col, None, c.b, c.out_f, config=cfg),
               c.x64 @ c.w.T + c.b64, BF16, "forward")
-        close(csr._spmm_launch(c.dy, c.values, c.colptr, c.row, c.perm, None, c.in_f, config=cfg),
+        close(csr._spmm_launch(c.dy, c.values, c.colptr, c.row, c.perm, None, c.in_f, config=cfg, perm_ptr=c.rowptr if c.perm.dtype == torch.int16 else None),
               c.dy64 @ c.w, BF16, "dX")
     elif layout == "csr":
         close(csr._sddmm_launch(c.dy, c.x, c.rowptr, c.col, config=cfg), c.gather(c.dy64.T @ c.x64), BF16, "dW")

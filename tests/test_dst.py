@@ -204,7 +204,7 @@ def test_prune_keep_matches_reference_with_ties(dtype, threads):
         s = rng.random(p.nnz) if levels is None else rng.integers(0, levels, p.nnz) / levels
         s = s.astype(dtype)
         for k in (0, 1, 17, p.nnz // 2, p.nnz - 1, p.nnz):
-            keep = _C.dst_prune_keep(s, p.rowptr.numpy(), p.col.numpy(), 50, k, 99 + k, threads)
+            keep = _C.dst_prune_keep(s, p.rowptr.numpy(), p.col.int().numpy(), 50, k, 99 + k, threads)
             np.testing.assert_array_equal(keep.astype(bool), ref_prune(p, s, k, 99 + k))
 
 
@@ -213,7 +213,7 @@ def test_prune_keep_negative_and_inf_scores():
     s = np.random.default_rng(1).standard_normal(p.nnz)
     s[::7] = np.inf
     s[::11] = -np.inf
-    keep = _C.dst_prune_keep(s, p.rowptr.numpy(), p.col.numpy(), 20, 50, 5, 1)
+    keep = _C.dst_prune_keep(s, p.rowptr.numpy(), p.col.int().numpy(), 20, 50, 5, 1)
     np.testing.assert_array_equal(keep.astype(bool), ref_prune(p, s, 50, 5))
 
 
@@ -221,7 +221,7 @@ def test_prune_keep_negative_and_inf_scores():
 def test_random_absent_is_the_sequential_sampler(shape, density, zeta):
     p = T.uniform(*shape, density, seed=3)
     k = int(zeta * p.nnz)
-    keep = _C.dst_prune_keep(np.random.default_rng(0).random(p.nnz), p.rowptr.numpy(), p.col.numpy(), shape[1], k, 1)
+    keep = _C.dst_prune_keep(np.random.default_rng(0).random(p.nnz), p.rowptr.numpy(), p.col.int().numpy(), shape[1], k, 1)
     for seed in (0, 7):
         for mask in (keep, None):
             rows, cols = E.random_absent(p, k, seed, mask)
@@ -262,7 +262,7 @@ def test_random_regrowth_is_uniform():
 
 def test_regrow_random_equals_merge_of_random_absent():
     p = T.uniform(50, 70, 0.15, seed=6)
-    keep = _C.dst_prune_keep(np.random.default_rng(2).random(p.nnz), p.rowptr.numpy(), p.col.numpy(), 70, 150, 3)
+    keep = _C.dst_prune_keep(np.random.default_rng(2).random(p.nnz), p.rowptr.numpy(), p.col.int().numpy(), 70, 150, 3)
     for occ in (keep, None):
         a = E.regrow_random(p, keep, 150, 9, occ)
         b = E.merge(p, keep, *E.random_absent(p, 150, 9, occ))
@@ -347,8 +347,8 @@ def test_merge_gather_and_errors():
 @pytest.mark.parametrize("threads", [1, 2])
 def test_transpose_equals_pattern_transpose(shape, density, threads):
     p = T.uniform(*shape, density, seed=9)
-    ref = _C.transpose_index(p.rowptr.numpy(), p.col.numpy(), shape[1])
-    got = _C.dst_transpose(p.rowptr.numpy(), p.col.numpy(), shape[1], threads)
+    ref = _C.transpose_index(p.rowptr.numpy(), p.col.int().numpy(), shape[1])
+    got = _C.dst_transpose(p.rowptr.numpy(), p.col.int().numpy(), shape[1], threads)
     for a, b in zip(ref, got):
         np.testing.assert_array_equal(a, b)
 

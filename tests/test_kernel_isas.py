@@ -21,15 +21,6 @@ from conftest import check_step_vs_reference, isa_supported, random_mask, refere
 # test_every_tile_width uses it too, for every tile width of every copy.
 
 
-@pytest.fixture
-def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(old)
-
 
 def test_kernel_isa_hook():
     old = _C.kernel_isa()
@@ -60,7 +51,7 @@ def test_csr_kernels_per_isa(isa, threads, dtype, batch, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_values_gather_pass_per_isa(isa, dtype, gen):
+def test_values_gather_pass_per_isa(isa, dtype, gen, index_form):
     """Above 1 MiB of values, dX gathers values[perm] in a pass of its own (with prefetches) before the tiles."""
     mask = random_mask(540, 600, 0.9, gen, empty_rows=[1], empty_cols=[3])
     w = torch.randn(*mask.shape, generator=gen, dtype=dtype) * mask
@@ -69,7 +60,7 @@ def test_values_gather_pass_per_isa(isa, dtype, gen):
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("block_bytes", [1, 3000, 200_000])
-def test_values_gather_by_row_blocks(isa, threads, block_bytes, gen):
+def test_values_gather_by_row_blocks(isa, threads, block_bytes, gen, index_form):
     """Above 12 MiB of values the gather runs in row blocks (each thread a range of columns, with a cursor per
     column); forced here on a small layer, with blocks of one row, of a few rows and of a third of the rows, and
     rows and columns left empty."""
@@ -130,12 +121,12 @@ def test_release_scratch_returns_large_buffers_to_the_system(gen):
     dy = torch.randn(64, 600, generator=gen)
     from sparsecore.ops import _spmm_t_impl
 
-    before = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 700, 1)
+    before = _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 700, 1)
     held = rss_kb()
     _C.release_scratch()
     freed = held - rss_kb()
     assert freed >= 1024, f"release_scratch freed {freed} KiB"
-    assert torch.equal(_spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 700, 1), before)
+    assert torch.equal(_spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 700, 1), before)
 
 
 # ----------------------------------------------------------------------------------------------- shifted last tile
@@ -176,11 +167,11 @@ def test_shifted_last_tile_per_isa(isa, shift_tail, threads, batch, layout, tile
     _C._set_tile_vectors(tile_vectors)
     try:
         y = _spmm_impl(x, v, b, p.rowptr, p.col, 37, 1)
-        dx = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1)
+        dx = _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 45, 1)
         dw = _sddmm_impl(dy, x, p.rowptr, p.col, 1)
         _C._set_shift_tail(not shift_tail)
         y_other = _spmm_impl(x, v, b, p.rowptr, p.col, 37, 1)
-        dx_other = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1)
+        dx_other = _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 45, 1)
     finally:
         _C._set_shift_tail(shift_tail)
         _C._set_fm_in_place_reads(-1)
@@ -242,7 +233,7 @@ def test_relu_and_relu_mask_in_the_stores_per_isa(isa, threads, dtype, batch, fm
     ref = torch.relu(_spmm_impl(x, v, b, p.rowptr, p.col, 37, 1))
     assert torch.equal(y.isnan(), ref.isnan()) and y.isnan().any()
     assert torch.equal(torch.nan_to_num(y), torch.nan_to_num(ref))
-    dx = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1, mask=relu_out)
-    ref = torch.ops.aten.threshold_backward(_spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1), relu_out, 0)
+    dx = _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 45, 1, mask=relu_out)
+    ref = torch.ops.aten.threshold_backward(_spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 45, 1), relu_out, 0)
     assert torch.equal(dx, ref) and dx.stride() == ref.stride()
     assert dx[0, 0] != 0 and dx[0, 1] == 0 and dx[0, 2] == 0  # NaN mask keeps, -0.0 and 0.0 zero

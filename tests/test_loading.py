@@ -45,7 +45,7 @@ def damaged(sd, name, how):
             j -= 1
         t.view(-1)[i], t.view(-1)[j] = t.view(-1)[j].clone(), t.view(-1)[i].clone()
     elif how == "big":
-        t.view(-1)[t.numel() // 2] = 10**6
+        t.view(-1)[t.numel() // 2] = 32767 if t.dtype == torch.int16 else 10**6  # int16: a compact pattern
     elif how == "negative":
         t.view(-1)[0] = -1
     elif how == "short":

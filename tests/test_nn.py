@@ -68,7 +68,8 @@ def test_training_step_reduces_loss(gen):
 def test_dtype_device_moves_keep_index_dtype(gen):
     s = SparseLinear(8, 6, density=0.5, generator=gen)
     d = copy.deepcopy(s).double()
-    assert d.values.dtype == torch.float64 and d.col.dtype == torch.int32 and d.rowptr.dtype == torch.int32
+    assert d.values.dtype == torch.float64 and d.col.dtype == torch.int16 and d.rowptr.dtype == torch.int32
+    assert d.pattern.compact and d.pattern == s.pattern
     x = torch.randn(3, 8, dtype=torch.float64)
     torch.testing.assert_close(d(x), s(x.float()).double(), rtol=1e-5, atol=1e-6)
     f = d.to(torch.float32)

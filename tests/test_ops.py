@@ -33,7 +33,7 @@ def tuned(set_hook, value):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("shape", SHAPES)
 @pytest.mark.parametrize("threads", [1, 2])
-def test_forward_backward_vs_dense(shape, dtype, threads, gen):
+def test_forward_backward_vs_dense(shape, dtype, threads, gen, index_form):
     out_f, in_f, batch = shape
     old = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -63,7 +63,7 @@ def test_sddmm_column_blocks(block_bytes, dtype, gen):
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("nv", [1, 2, 3, 4, 5, 8])
-def test_every_tile_width(isa, nv, dtype, gen):
+def test_every_tile_width(isa, nv, dtype, gen, index_form):
     """The kernels pick the batch tile (nv SIMD vectors per row) from the batch; the tuning hook forces each
     width, so every unrolling of the SpMM and SDDMM loops is checked (batch 70: full tiles and a tail), in every
     compiled copy of the kernels the CPU supports."""
@@ -101,7 +101,7 @@ def test_batch_in_chunks_of_narrower_tiles(batch, merge_tail, dtype, gen):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("nnz_kind", ["gather_in_first_tile", "gather_pass"])
-def test_spmm_work_splits_agree(threads, nnz_kind, gen):
+def test_spmm_work_splits_agree(threads, nnz_kind, gen, index_form):
     """The SpMMs share work by rows of each batch tile or by whole tiles (the hook forces either; automatic takes
     tiles from two per thread up). Both sum each output in the same order, so y and dX must be bit-identical,
     and right against the reference; batch 70 = four full 16-row tiles and a 6-row tail. With 290K entries the
@@ -131,7 +131,7 @@ def test_spmm_work_splits_agree(threads, nnz_kind, gen):
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
 @pytest.mark.parametrize("block_bytes", [2048, 0])
-def test_sddmm_tile_buffers_agree(threads, block_bytes, gen):
+def test_sddmm_tile_buffers_agree(threads, block_bytes, gen, index_form):
     """The SDDMM's transposed tiles are shared by the threads or one per thread (each transposing all of X and
     its own rows of dY); the hook forces either. Same sums in the same order: dW must be bit-identical, and right
     against the reference. Batch 70 = a 64-row and a 6-row chunk; small column blocks give short segments."""
@@ -155,7 +155,7 @@ def test_sddmm_tile_buffers_agree(threads, block_bytes, gen):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_transposed_values_gathered_in_a_separate_pass(dtype, gen):
+def test_transposed_values_gathered_in_a_separate_pass(dtype, gen, index_form):
     """dX reads values[perm]: above 1 MiB of values they are gathered before the kernel, below it during the
     kernel's first tile (every other test). 290K entries take the separate pass in both dtypes."""
     mask = random_mask(540, 600, 0.9, gen, empty_cols=[3])
@@ -164,7 +164,7 @@ def test_transposed_values_gathered_in_a_separate_pass(dtype, gen):
 
 
 @pytest.mark.parametrize("kind", ["single", "empty", "full_row", "full_col"])
-def test_structural_edge_cases(kind, gen):
+def test_structural_edge_cases(kind, gen, index_form):
     out_f, in_f, batch = 11, 7, 6
     mask = torch.zeros(out_f, in_f, dtype=torch.bool)
     if kind == "single":
@@ -233,7 +233,7 @@ def test_inference_skips_autograd_with_the_same_result(gen):
                                + bias.detach().double(), **tol(torch.float32))
 
 
-def test_gradcheck(gen):
+def test_gradcheck(gen, index_form):
     mask = random_mask(6, 5, 0.5, gen, empty_rows=[1], empty_cols=[2])
     p = Pattern.from_mask(mask)
     values = torch.randn(p.nnz, dtype=torch.float64, generator=gen, requires_grad=True)
@@ -310,9 +310,9 @@ def test_kernels_by_address_check_what_they_can(gen):
     with pytest.raises(TypeError, match="contiguous int32"):
         _spmm_impl(x, v, None, p.rowptr.long(), p.col, 6, 1)
     with pytest.raises(ValueError, match="colptr has 6 entries for 4 input columns"):
-        _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 4, 1)
+        _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 4, 1)
     with pytest.raises(ValueError, match="perm has shape"):
-        _spmm_t_impl(dy, v, p.colptr, p.row, p.perm[:-1], 5, 1)
+        _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm[:-1], 5, 1)
     with pytest.raises(ValueError, match="do not match a pattern of 6 rows"):
         _sddmm_impl(torch.randn(3, 5), x, p.rowptr, p.col, 1)
     with pytest.raises(ValueError, match="do not match"):
@@ -332,7 +332,7 @@ def test_kernels_by_address_check_what_they_can(gen):
                      p.nnz, v.data_ptr(), 1)
     # and the entries by address give the numpy entries' bits
     ref = torch.empty(3, 6)
-    _C.spmm(x.numpy(), p.rowptr.numpy(), p.col.numpy(), v.numpy(), None, None, ref.numpy(), 1)
+    _C.spmm(x.numpy(), p.rowptr.numpy(), p.col.int().numpy(), v.numpy(), None, None, ref.numpy(), 1)
     assert torch.equal(_spmm_impl(x, v, None, p.rowptr, p.col, 6, 1), ref)
 
 
@@ -350,7 +350,7 @@ def test_nan_propagates_not_crashes(gen):
 @pytest.mark.parametrize("batch", [2, 17, 33, 100, 131])
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("in_place_reads", [-1, 0])  # -1: the default rule (in place at low nnz), 0: always copied
-def test_feature_major_layouts_give_the_row_major_bits(dtype, batch, threads, in_place_reads, gen):
+def test_feature_major_layouts_give_the_row_major_bits(dtype, batch, threads, in_place_reads, gen, index_form):
     """Every combination of row-major and feature-major x, dy and outputs gives bit for bit what the row-major
     kernels give (the same sums in the same order), and the outputs come back in the asked layout."""
     from sparsecore.ops import _is_fm, _sddmm_impl, _spmm_impl, _spmm_t_impl, feature_major
@@ -368,7 +368,7 @@ def test_feature_major_layouts_give_the_row_major_bits(dtype, batch, threads, in
             x = torch.randn(batch, 45, generator=gen).to(dtype)
             dy = torch.randn(batch, 37, generator=gen).to(dtype)
             y_ref = _spmm_impl(x, v, b, p.rowptr, p.col, 37, 1)
-            dx_ref = _spmm_t_impl(dy, v, p.colptr, p.row, p.perm, 45, 1)
+            dx_ref = _spmm_t_impl(dy, v, p.rowptr, p.colptr, p.row, p.perm, 45, 1)
             dw_ref = _sddmm_impl(dy, x, p.rowptr, p.col, 1)
             for xf in (x, feature_major(x)):
                 for out_fm in (False, True):
@@ -376,7 +376,7 @@ def test_feature_major_layouts_give_the_row_major_bits(dtype, batch, threads, in
                     assert _is_fm(y) == out_fm and torch.equal(y, y_ref)
             for dyf in (dy, feature_major(dy)):
                 for out_fm in (False, True):
-                    dx = _spmm_t_impl(dyf, v, p.colptr, p.row, p.perm, 45, 1, out_fm)
+                    dx = _spmm_t_impl(dyf, v, p.rowptr, p.colptr, p.row, p.perm, 45, 1, out_fm)
                     assert _is_fm(dx) == out_fm and torch.equal(dx, dx_ref)
                 for xf in (x, feature_major(x)):
                     assert torch.equal(_sddmm_impl(dyf, xf, p.rowptr, p.col, 1), dw_ref)

@@ -351,10 +351,10 @@ def test_each_cap_runs_its_copy(isa, gen):
 # ------------------------------------------------------------------------------------------ layer and ops
 def test_sparse_linear_layer_training_step(threads, gen):
     """SparseLinear.to(bfloat16): a training step (zero_grad, forward, backward, SGD step) twice, gradients
-    against the reference; the pattern buffers stay int32."""
+    against the reference; the pattern keeps its int16 (compact) indices."""
     torch.manual_seed(0)
     layer = SparseLinear(96, 80, density=0.2, generator=gen).to(BF16)
-    assert layer.values.dtype == BF16 and layer.bias.dtype == BF16 and layer.col.dtype == torch.int32
+    assert layer.values.dtype == BF16 and layer.bias.dtype == BF16 and layer.col.dtype == torch.int16
     opt = torch.optim.SGD(layer.parameters(), lr=0.1)
     for _ in range(2):
         w = layer.weight  # bf16 (out, in), for the reference only
@@ -409,11 +409,11 @@ def test_zero_batch_writes_zero_gradients(gen):
     p, w = csr_case(5, 4, 0.5, gen)
     out = torch.full((p.nnz,), float("nan"), dtype=BF16)
     empty = lambda n: torch.empty(0, n, dtype=BF16).view(torch.int16).numpy()
-    _C.sddmm_bf16(empty(5), empty(4), p.rowptr.numpy(), p.col.numpy(), out.view(torch.int16).numpy(), 1)
+    _C.sddmm_bf16(empty(5), empty(4), p.rowptr.numpy(), p.col.int().numpy(), out.view(torch.int16).numpy(), 1)
     assert torch.equal(out, torch.zeros_like(out))
     pb, wb = bsr_case(8, 8, 4, 1.0, gen)
     outb = torch.full(pb.values_shape, float("nan"), dtype=BF16)
-    _C.bsr_sddmm_bf16(empty(8), empty(8), pb.rowptr.numpy(), pb.col.numpy(), outb.view(torch.int16).numpy(), 1)
+    _C.bsr_sddmm_bf16(empty(8), empty(8), pb.rowptr.numpy(), pb.col.int().numpy(), outb.view(torch.int16).numpy(), 1)
     assert torch.equal(outb, torch.zeros_like(outb))
     values = p.gather(w).requires_grad_()
     y = sparse_linear(torch.zeros(0, 4, dtype=BF16, requires_grad=True), values, p)
@@ -433,7 +433,7 @@ def test_bad_dtypes_are_clear_errors(gen):
     x16 = bf16_randn(2, 4, gen=gen).view(torch.int16).numpy()
     out = torch.empty(2, 5, dtype=BF16).view(torch.int16).numpy()
     with pytest.raises(ValueError, match="bias has the wrong dtype"):
-        _C.spmm_bf16(x16, p.rowptr.numpy(), p.col.numpy(), v.view(torch.int16).numpy(), None,
+        _C.spmm_bf16(x16, p.rowptr.numpy(), p.col.int().numpy(), v.view(torch.int16).numpy(), None,
                      torch.randn(5).numpy(), out, 1)
     with pytest.raises(TypeError):  # fp32 values into the bf16 kernel
-        _C.spmm_bf16(x16, p.rowptr.numpy(), p.col.numpy(), v.float().numpy(), None, None, out, 1)
+        _C.spmm_bf16(x16, p.rowptr.numpy(), p.col.int().numpy(), v.float().numpy(), None, None, out, 1)

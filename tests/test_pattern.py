@@ -31,9 +31,12 @@ def test_from_indices_matches_mask_and_transpose_index(args):
     # order maps CSR entries back to the input coordinates
     r, c = p.coo()
     assert torch.equal(rows[order], r) and torch.equal(cols[order], c)
-    # transpose index: column-major order of the same entries, perm pointing at CSR positions
+    # transpose index: column-major order of the same entries, perm pointing at CSR positions (offsets inside the
+    # rows in a compact pattern, which these small ones are)
     assert p.colptr.numel() == n_c + 1 and int(p.colptr[-1]) == p.nnz
-    perm = p.perm.long()
+    assert p.compact and p.col.dtype == p.row.dtype == p.perm.dtype == torch.int16
+    perm = p.csr_positions()
+    assert torch.equal(p.perm.long(), perm - p.rowptr.long()[p.row.long()])
     assert torch.equal(p.row.long(), r[perm]) and torch.equal(torch.sort(c).values, c[perm])
     for j in range(n_c):
         seg = p.row[p.colptr[j]:p.colptr[j + 1]]

@@ -99,7 +99,7 @@ CSR_CASES = [
 
 @pytest.mark.parametrize("out_f,in_f,batch,density,er,ec", CSR_CASES)
 @pytest.mark.parametrize("with_bias", [True, False])
-def test_csr_fp32(out_f, in_f, batch, density, er, ec, with_bias):
+def test_csr_fp32(out_f, in_f, batch, density, er, ec, with_bias, index_form):
     p, w = make_csr(out_f, in_f, density, seed=out_f + batch, empty_row=er, empty_col=ec)
     g = torch.Generator().manual_seed(1)
     v = p.gather(w)
@@ -115,7 +115,7 @@ def test_csr_fp32(out_f, in_f, batch, density, er, ec, with_bias):
     if er is not None:  # an empty row gives the bias (or zero) exactly
         torch.testing.assert_close(y[:, er], bias[er].expand(batch) if with_bias else torch.zeros(batch))
 
-    dx = tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f)
+    dx = tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f, rowptr=p.rowptr)
     close(dx, dy.double() @ w64, torch.float32)
     if ec is not None:
         assert torch.equal(dx[:, ec], torch.zeros(batch))
@@ -132,7 +132,7 @@ def test_csr_single_nonzero():
     x, dy = torch.randn(3, 6), torch.randn(3, 5)
     w = p.to_dense(v).double()
     close(tk.csr_spmm(x, v, p.rowptr, p.col, 5), x.double() @ w.T, torch.float32)
-    close(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, 6), dy.double() @ w, torch.float32)
+    close(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, 6, rowptr=p.rowptr), dy.double() @ w, torch.float32)
     close(tk.csr_sddmm(dy, x, p.rowptr, p.col), (dy[:, 2].double() * x[:, 4].double()).sum().reshape(1),
           torch.float32)
 
@@ -141,7 +141,7 @@ def test_csr_empty_pattern():
     p = Pattern.from_mask(torch.zeros(4, 3, dtype=torch.bool))
     v, x, dy, bias = torch.zeros(0), torch.randn(2, 3), torch.randn(2, 4), torch.randn(4)
     torch.testing.assert_close(tk.csr_spmm(x, v, p.rowptr, p.col, 4, bias), bias.expand(2, 4))
-    assert torch.equal(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, 3), torch.zeros(2, 3))
+    assert torch.equal(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, 3, rowptr=p.rowptr), torch.zeros(2, 3))
     assert tk.csr_sddmm(dy, x, p.rowptr, p.col).shape == (0,)
 
 
@@ -156,7 +156,7 @@ def test_csr_non_contiguous():
     assert not (x.is_contiguous() or dy.is_contiguous() or v.is_contiguous() or bias.is_contiguous())
     w64 = w.double()
     close(tk.csr_spmm(x, v, p.rowptr, p.col, out_f, bias), x.double() @ w64.T + bias.double(), torch.float32)
-    close(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f), dy.double() @ w64, torch.float32)
+    close(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f, rowptr=p.rowptr), dy.double() @ w64, torch.float32)
     close(tk.csr_sddmm(dy, x, p.rowptr, p.col), p.gather(dy.double().T @ x.double()), torch.float32)
 
 
@@ -166,7 +166,7 @@ def test_csr_half(dtype):
     p, w = make_csr(out_f, in_f, 0.5, seed=5, empty_row=2)
     v, (x, x64), (dy, dy64), (bias, b64), w64 = half_inputs(p, w, batch, dtype, seed=4)
     close(tk.csr_spmm(x, v, p.rowptr, p.col, out_f, bias), x64 @ w64.T + b64, dtype)
-    close(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f), dy64 @ w64, dtype)
+    close(tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, in_f, rowptr=p.rowptr), dy64 @ w64, dtype)
     close(tk.csr_sddmm(dy, x, p.rowptr, p.col), p.gather(dy64.T @ x64), dtype)
 
 
@@ -233,7 +233,7 @@ def test_bsr_half(dtype):
 
 
 # ============================================================================================= through the op
-def test_sparse_linear_autograd_on_triton_backend():
+def test_sparse_linear_autograd_on_triton_backend(index_form):
     """The custom op with autograd, dispatched to these kernels (backend "triton" on CPU tensors)."""
     import sparsecore
     p, w = make_csr(12, 10, 0.4, seed=13)
@@ -271,6 +271,11 @@ def test_csr_bad_inputs():
         tk.csr_spmm(x, v, p.rowptr, p.col.long(), 6)
     with pytest.raises(TypeError, match="perm must be an int32"):
         tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm.long(), 5)
+    assert p.compact  # int16 row and perm (offsets inside rows): W's rowptr is needed, and both in one form
+    with pytest.raises(ValueError, match="needs W's rowptr"):
+        tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, 5)
+    with pytest.raises(TypeError, match="both be int32 or both int16"):
+        tk.csr_spmm_t(dy, v, p.colptr, p.row.int(), p.perm, 5, rowptr=p.rowptr)
     with pytest.raises(TypeError, match="must match"):
         tk.csr_spmm(x.half(), v, p.rowptr, p.col, 6)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):

@@ -51,7 +51,8 @@ def _csr_inputs(dtype, seed=0):
 def test_every_csr_spmm_config(cfg, dtype):
     p, v, x, dy, b, w64, x64, dy64, b64 = _csr_inputs(dtype)
     close(csr._spmm_launch(x, v, p.rowptr, p.col, None, b, 13, config=cfg), x64 @ w64.T + b64, dtype)
-    close(csr._spmm_launch(dy, v, p.colptr, p.row, p.perm, None, 150, config=cfg), dy64 @ w64, dtype)
+    close(csr._spmm_launch(dy, v, p.colptr, p.row, p.perm, None, 150, config=cfg, perm_ptr=p.rowptr), dy64 @ w64,
+          dtype)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -211,7 +212,7 @@ def test_every_launch_goes_through_the_device_guard(monkeypatch):
     monkeypatch.setattr(C, "device_guard", spy)
     p, v, x, dy, b, w64, x64, dy64, b64 = _csr_inputs(torch.float32)
     tk.csr_spmm(x, v, p.rowptr, p.col, 13, b)
-    tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, 150)
+    tk.csr_spmm_t(dy, v, p.colptr, p.row, p.perm, 150, rowptr=p.rowptr)
     tk.csr_sddmm(dy, x, p.rowptr, p.col)
     pb, vb, xb, dyb, bb, *_ = _bsr_inputs(torch.float32, batch=5)
     tk.bsr_spmm(xb, vb, pb.rowptr, pb.col, 48, bb)
@@ -303,8 +304,9 @@ def test_torch_index_matches_pattern():
     for shape, d in (((17, 23), 0.3), ((5, 40), 0.0), ((1, 1), 1.0), ((64, 8), 0.9)):
         mask = torch.rand(*shape, generator=g) < d
         p = Pattern.from_mask(mask)
-        for a, b in zip(csr_index(mask), (p.rowptr, p.col, p.colptr, p.row, p.perm)):
-            assert a.dtype == torch.int32 and torch.equal(a, b)
+        # the int32 form of the (compact) pattern: CSR positions for perm
+        for a, b in zip(csr_index(mask), (p.rowptr, p.col, p.colptr, p.row, p.csr_positions())):
+            assert a.dtype == torch.int32 and torch.equal(a, b.int())
 
 
 def test_cuda_module_rehearsal_on_cpu():

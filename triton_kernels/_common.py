@@ -185,11 +185,14 @@ def check_float(name: str, t, ndim: int) -> None:
         raise ValueError(f"{name} must be {ndim}-D, got shape {tuple(t.shape)}")
 
 
-def check_index(name: str, t, length: Optional[int] = None) -> None:
+def check_index(name: str, t, length: Optional[int] = None, compact: bool = False) -> None:
+    """An index tensor: int32, or with ``compact`` also int16 (the entry indices of a compact pattern, see
+    sparsecore.pattern)."""
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} must be an int32 index tensor, got {t.dtype}")
+    if t.dtype != torch.int32 and not (compact and t.dtype == torch.int16):
+        raise TypeError(f"{name} must be an int32 index tensor{' (or int16: a compact pattern)' if compact else ''}, "
+                        f"got {t.dtype}")
     if t.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(t.shape)}")
     if length is not None and t.numel() != length:

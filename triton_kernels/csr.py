@@ -40,11 +40,14 @@ __all__ = ["csr_spmm", "csr_spmm_t", "csr_sddmm"]
 
 
 # ============================================================================================= kernels
-def _csr_spmm_kernel(X, V, PTR, IDX, PERM, BIAS, Y, n_rows, B, KEY_B, KEY_LEN,
+def _csr_spmm_kernel(X, V, PTR, IDX, PERM, PERM_PTR, BIAS, Y, n_rows, B, KEY_B, KEY_LEN,
                      stride_xf, stride_xb, stride_yb, stride_yf,
-                     HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_PERM: tl.constexpr, PERM_OFFSETS: tl.constexpr, HAS_BIAS: tl.constexpr,
                      BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_B: tl.constexpr, NUM_STAGES: tl.constexpr):
     """Y[b, r] = sum_{k in PTR[r]:PTR[r+1]} V[k or PERM[k]] * X[IDX[k], b] (+ BIAS[r]); X feature-major.
+
+    With PERM_OFFSETS (a compact pattern's transpose: int16 IDX and PERM) the value of entry k is
+    V[PERM_PTR[IDX[k]] + PERM[k]], PERM_PTR being W's rowptr.
 
     One program computes a (BLOCK_R rows, BLOCK_B batch) tile of Y. KEY_B and KEY_LEN are unused here: they are
     the autotuner's key (batch and mean row length, rounded to powers of two).
@@ -69,6 +72,8 @@ def _csr_spmm_kernel(X, V, PTR, IDX, PERM, BIAS, Y, n_rows, B, KEY_B, KEY_LEN,
         c = tl.load(IDX + k, mask=mask_k, other=0).to(tl.int64)
         if HAS_PERM:
             kv = tl.load(PERM + k, mask=mask_k, other=0).to(tl.int64)
+            if PERM_OFFSETS:
+                kv += tl.load(PERM_PTR + c, mask=mask_k, other=0).to(tl.int64)
         else:
             kv = k.to(tl.int64)
         v = tl.load(V + kv, mask=mask_k, other=0.0).to(tl.float32)
@@ -182,7 +187,8 @@ def _feature_major(t: torch.Tensor) -> torch.Tensor:
     return t.t().contiguous()
 
 
-def _spmm_launch(x, values, ptr, idx, perm, bias, n_out: int, config: Optional[dict] = None) -> torch.Tensor:
+def _spmm_launch(x, values, ptr, idx, perm, bias, n_out: int, config: Optional[dict] = None,
+                 perm_ptr: Optional[torch.Tensor] = None) -> torch.Tensor:
     kernels = _kernels()
     batch = x.shape[0]
     y = torch.empty(batch, n_out, dtype=x.dtype, device=x.device)
@@ -201,10 +207,11 @@ def _spmm_launch(x, values, ptr, idx, perm, bias, n_out: int, config: Optional[d
     def grid(meta):
         return (C.cdiv(n_out, meta["BLOCK_R"]), C.cdiv(batch, meta["BLOCK_B"]))
 
-    args = (xt, values, ptr, idx, perm if perm is not None else idx, bias if bias is not None else values, y,
-            n_out, batch, C.clamp_pow2(batch, 16, 4096), C.clamp_pow2(int(avg), 1, 1024),
-            xt.stride(0), xt.stride(1), y.stride(0), y.stride(1))
-    C.launch(kernels, "_csr_spmm_kernel", grid, args, dict(HAS_PERM=perm is not None, HAS_BIAS=bias is not None),
+    args = (xt, values, ptr, idx, perm if perm is not None else idx, perm_ptr if perm_ptr is not None else ptr,
+            bias if bias is not None else values, y, n_out, batch, C.clamp_pow2(batch, 16, 4096),
+            C.clamp_pow2(int(avg), 1, 1024), xt.stride(0), xt.stride(1), y.stride(0), y.stride(1))
+    C.launch(kernels, "_csr_spmm_kernel", grid, args,
+             dict(HAS_PERM=perm is not None, PERM_OFFSETS=perm_ptr is not None, HAS_BIAS=bias is not None),
              _default_spmm(batch, avg), x.device, config)
     return y
 
@@ -234,14 +241,14 @@ def csr_spmm(x: torch.Tensor, values: torch.Tensor, rowptr: torch.Tensor, col: t
              bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Forward: ``y (B, n_out) = x (B, in) @ W^T (+ bias)`` with W in CSR (``rowptr``, ``col``, ``values``).
 
-    x, values and bias share one float dtype (float32/float16/bfloat16); indices are int32. Returns y of x's
-    dtype, contiguous. Accumulates in float32.
+    x, values and bias share one float dtype (float32/float16/bfloat16); rowptr is int32, col int32 or int16 (a
+    compact pattern). Returns y of x's dtype, contiguous. Accumulates in float32.
     """
     n_out = C.check_int("n_out", n_out)
     C.check_float("x", x, 2)
     C.check_float("values", values, 1)
     C.check_index("rowptr", rowptr, n_out + 1)
-    C.check_index("col", col)
+    C.check_index("col", col, compact=True)
     if values.numel() != col.numel():
         raise ValueError(f"values has {values.numel()} elements but col has {col.numel()}; they must match")
     C.check_nnz(col.numel())
@@ -255,21 +262,32 @@ def csr_spmm(x: torch.Tensor, values: torch.Tensor, rowptr: torch.Tensor, col: t
 
 
 def csr_spmm_t(dy: torch.Tensor, values: torch.Tensor, colptr: torch.Tensor, row: torch.Tensor,
-               perm: torch.Tensor, n_in: int) -> torch.Tensor:
+               perm: torch.Tensor, n_in: int, rowptr: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Input gradient: ``dx (B, n_in) = dy (B, out) @ W`` through the transpose index (deterministic).
 
-    ``colptr (n_in+1,)``, ``row (nnz,)``, ``perm (nnz,)``: W^T in CSR with values ``values[perm]``.
+    ``colptr (n_in+1,)``, ``row (nnz,)``, ``perm (nnz,)``: W^T in CSR with values ``values[perm]``; or, for a
+    compact pattern, int16 ``row`` and ``perm`` with values ``values[rowptr[row] + perm]`` (``rowptr``: W's, then
+    required).
     """
     n_in = C.check_int("n_in", n_in)
     C.check_float("dy", dy, 2)
     C.check_float("values", values, 1)
     C.check_index("colptr", colptr, n_in + 1)
-    C.check_index("row", row, values.numel())
-    C.check_index("perm", perm, values.numel())
+    C.check_index("row", row, values.numel(), compact=True)
+    C.check_index("perm", perm, values.numel(), compact=True)
+    offsets = perm.dtype == torch.int16
+    if offsets != (row.dtype == torch.int16):
+        raise TypeError(f"row and perm must both be int32 or both int16 (a compact pattern), got {row.dtype} and "
+                        f"{perm.dtype}")
+    if offsets:
+        if rowptr is None:
+            raise ValueError("a compact pattern's perm (int16 offsets inside rows) needs W's rowptr")
+        C.check_index("rowptr", rowptr, dy.shape[1] + 1)
     C.check_nnz(values.numel())
     C.check_same_dtype(dy=dy, values=values)
     C.check_devices(_kernels()["_csr_spmm_kernel"], dy=dy, values=values, colptr=colptr, row=row, perm=perm)
-    return _spmm_launch(dy, values, colptr, row, perm, None, n_in)
+    return _spmm_launch(dy, values, colptr, row, perm, None, n_in,
+                        perm_ptr=rowptr.contiguous() if offsets else None)
 
 
 def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, rowptr: torch.Tensor, col: torch.Tensor) -> torch.Tensor:
@@ -283,7 +301,7 @@ def csr_sddmm(dy: torch.Tensor, x: torch.Tensor, rowptr: torch.Tensor, col: torc
         raise ValueError(f"dy and x must have the same batch size, got {dy.shape[0]} and {x.shape[0]}")
     n_rows = dy.shape[1]
     C.check_index("rowptr", rowptr, n_rows + 1)
-    C.check_index("col", col)
+    C.check_index("col", col, compact=True)
     C.check_nnz(col.numel())
     C.check_same_dtype(dy=dy, x=x)
     C.check_devices(_kernels()["_csr_sddmm_kernel"], dy=dy, x=x, rowptr=rowptr, col=col)

@@ -165,10 +165,10 @@ def regrow_random(pattern: Pattern, keep: Optional[np.ndarray], k: int, seed: in
 
 
 def _finish(pattern: Pattern, rowptr, col, gather, newpos) -> Tuple[Pattern, Tensor, Tensor]:
-    colptr, row, perm = _C.dst_transpose(rowptr, col, _n_cols(pattern), _threads())
     t = torch.from_numpy
-    dev = pattern.device
-    new = Pattern(pattern.shape, pattern.block_size, *(t(a).to(dev) for a in (rowptr, col, colptr, row, perm)))
+    new = Pattern._with_transpose(pattern.shape, pattern.block_size, t(rowptr), t(col), threads=_threads())
+    if pattern.device.type != "cpu":
+        new = new.to(pattern.device)
     return new, t(gather), t(newpos)
 
 
