@@ -88,6 +88,39 @@ def test_distinct_rows_rejects_bad_counts():
         distinct_rows(1, 3, 4, None)
 
 
+@pytest.mark.parametrize("n,k", [(10, 0), (10, 3), (10, 6), (10, 10), (1000, 17), (100_000, 20_000), (2**40, 50),
+                                 (5_000_000, 400_000)])
+def test_sorted_subset_is_distinct_rows_sorted(n, k, monkeypatch):
+    """The random patterns' sampler: the same subset as distinct_rows from the same draws, sorted; also through
+    its fallback for ties at the k-th key (forced) and after a redraw (too few distinct draws, forced)."""
+    import sparsecore.topology._common as common
+
+    def want(seed):
+        return np.sort(distinct_rows(1, n, k, torch.Generator().manual_seed(seed))[0].numpy())
+
+    got = common.sorted_subset(n, k, torch.Generator().manual_seed(3))
+    assert got.dtype == np.int64 and np.array_equal(got, want(3))
+    if 0 < k and 2 * k <= n:
+        with monkeypatch.context() as m:
+            m.setattr(common, "_kth_smallest", lambda keys, k: 2.0)  # every key "ties": distinct_rows' own path
+            assert np.array_equal(common.sorted_subset(n, k, torch.Generator().manual_seed(4)), want(4))
+    if 0 < k and 2 * k <= n <= 10:
+        with monkeypatch.context() as m:
+            m.setattr(common, "_draws_for", lambda n_, k_: k_)  # k draws: tries short of k distinct are redrawn
+            for seed in range(6, 12):
+                assert np.array_equal(common.sorted_subset(n, k, torch.Generator().manual_seed(seed)), want(seed))
+
+
+def test_kth_smallest_of_keys():
+    from sparsecore.topology._common import _kth_smallest
+
+    rng = np.random.default_rng(0)
+    keys = rng.random(300_000)
+    keys[rng.random(300_000) < 0.1] = 2.0
+    for k in (1, 7, 1000, 150_000, int((keys < 2).sum())):
+        assert _kth_smallest(keys, k, bins=256, chunk=1000) == np.sort(keys)[k - 1]
+
+
 # ----------------------------------------------------------------------------------------------- uniform / ER
 @pytest.mark.parametrize("out,in_,d", [(50, 40, 0.0), (50, 40, 0.013), (50, 40, 0.3), (50, 40, 0.5),
                                        (50, 40, 0.77), (50, 40, 1.0), (1, 1, 1.0), (0, 7, 0.5), (7, 0, 0.5),

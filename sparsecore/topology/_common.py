@@ -87,6 +87,59 @@ def _draws_for(n: int, k: int) -> int:
     return int(math.ceil(m0 * 1.01 + 6.0 * math.sqrt(m0) + 16))
 
 
+def _kth_smallest(keys: np.ndarray, k: int, bins: int = 1 << 16, chunk: int = 1 << 16) -> float:
+    """The k-th smallest (1-based) of ``keys`` (float64, values in [0, 1), or 2.0 for excluded entries, fewer
+    than ``keys.size - k + 1`` of them), without a sorted or partitioned copy of ``keys``: a histogram of
+    ``bins`` equal buckets, then the k-th among the few keys of the bucket that holds it. Temporaries are a few
+    ``chunk``-sized arrays."""
+    def bucket(c):
+        return np.minimum((c * bins).astype(np.int64), bins)  # 2.0 goes to the extra last bucket
+
+    counts = np.zeros(bins + 1, dtype=np.int64)
+    for i in range(0, keys.size, chunk):
+        counts += np.bincount(bucket(keys[i:i + chunk]), minlength=bins + 1)
+    cum = np.cumsum(counts)
+    j = int(np.searchsorted(cum, k))  # the first bucket whose cumulative count reaches k
+    below = int(cum[j - 1]) if j else 0
+    cand = np.concatenate([c[bucket(c) == j] for c in (keys[i:i + chunk] for i in range(0, keys.size, chunk))])
+    return float(np.partition(cand, k - below - 1)[k - below - 1])
+
+
+def sorted_subset(n: int, k: int, generator: Optional[torch.Generator]) -> np.ndarray:
+    """int64 ``(k,)``, ascending: a uniformly random ``k``-subset of ``range(n)``, the same one as
+    ``np.sort(distinct_rows(1, n, k, generator)[0])`` from the same draws, at about half the peak memory.
+
+    distinct_rows keeps the k distinct draws with the smallest random keys by an ``argpartition`` of all the
+    keys (an int64 array of all the draws, next to the draws and the keys); here the k-th smallest key comes from
+    a histogram, and the draws are kept where their key is at most that (in their sorted order, so no sort
+    follows). Ties at the k-th key (possible, not seen) take distinct_rows' own path. A 4096x4096 layer at 10%:
+    1.8 M draws, 14 MB per int64 or float64 array."""
+    if k == 0 or k == n or 2 * k > n:
+        out = distinct_rows(1, n, k, generator)[0].numpy()
+        out.sort()
+        return out
+    m = _draws_for(n, k)
+    while True:  # the draws distinct_rows makes, in its order: the values, then the keys, per try
+        s = torch.randint(0, n, (1, m), generator=generator, dtype=torch.int64).numpy()[0]
+        s.sort()
+        dup = np.zeros(m, dtype=np.bool_)
+        np.equal(s[1:], s[:-1], out=dup[1:])
+        ok = (m - int(dup.sum())) >= k
+        keys = torch.rand(1, m, generator=generator, dtype=torch.float64).numpy()[0]
+        if ok:
+            break
+        del s, dup, keys
+    keys[dup] = 2.0
+    del dup
+    take = keys <= _kth_smallest(keys, k)
+    if int(take.sum()) != k:  # ties at the k-th key
+        out = s[np.argpartition(keys, k - 1)[:k]]
+        out.sort()
+        return out
+    del keys
+    return s[take]
+
+
 def distinct_rows(p: int, n: int, k: int, generator: Optional[torch.Generator]) -> torch.Tensor:
     """``(p, k)`` int64: each row an independent uniformly random ``k``-subset of ``range(n)``, rows unsorted.
 

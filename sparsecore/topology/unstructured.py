@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from ..pattern import INT32_MAX, Pattern
-from ._common import check_fraction, check_real, check_size, distinct_rows, make_generator
+from ._common import check_fraction, check_real, check_size, make_generator, sorted_subset
 
 __all__ = ["uniform", "erdos_renyi", "er_density", "er_count", "erk_densities", "erk", "random_blocks"]
 
@@ -20,8 +20,7 @@ def _random_pattern(n_r: int, n_c: int, k: int, block_size: int, g) -> Pattern:
     Pattern._check_shape((n_r * block_size, n_c * block_size), block_size)
     if k > INT32_MAX:  # before drawing: the int32 indices could not hold it
         raise ValueError(f"nnz = {k} does not fit int32 indices")
-    flat = distinct_rows(1, n_r * n_c, k, g)[0].numpy()
-    flat.sort()
+    flat = sorted_subset(n_r * n_c, k, g)
     col = np.empty(k, dtype=np.int32)
     if n_c:
         np.remainder(flat, n_c, out=col, casting="unsafe")
