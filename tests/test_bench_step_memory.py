@@ -20,10 +20,11 @@ def test_small_layer_table_and_json(tmp_path, capsys):
     rows = {r["impl"]: r for r in json.loads(out.read_text())["rows"]}
     assert set(rows) == {"dense", "sparsecore", "sparsecore-bsr"}
     # the dense layer's 4 MiB weight is resident once built, its gradient too during the step; the 1%-dense
-    # layer's values and pattern (~10,500 connections, 20 bytes each) are not even a tenth of that
+    # layer's values and pattern (~10,500 connections, 14 bytes each) are not even a tenth of that
     assert rows["dense"]["after_build"] > 3.5 and rows["dense"]["step"] > 7.5
     assert rows["sparsecore"]["after_build"] < 0.4 * rows["dense"]["after_build"]
     assert rows["sparsecore"]["peak"] < 0.5 * rows["dense"]["peak"]
+    assert json.loads(out.read_text())["mmap_threshold"] == 1 << 20 and "glibc mmap threshold" in lines[0]
 
 
 def test_unknown_implementation_is_an_error():
