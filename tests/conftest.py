@@ -1,3 +1,4 @@
+import contextlib
 import os
 import sys
 
@@ -62,15 +63,22 @@ def gen():
     return torch.Generator().manual_seed(1234)
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):
+    """torch's intra-op thread count set to n inside the block, restored after."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield n
+    finally:
+        torch.set_num_threads(old)
+
+
 @pytest.fixture
 def threads(request):
     """torch's thread count for the test, from ``parametrize("threads", [...], indirect=True)``; restored after."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(old)
+    with torch_threads(request.param) as n:
+        yield n
 
 
 @pytest.fixture(params=["compact", "int32"])

@@ -15,7 +15,7 @@ from sparsecore import SparseLinear, _C, sparse_linear
 from sparsecore.ops import sddmm, spmm, spmm_t
 from sparsecore.pattern import Pattern
 
-from conftest import ISAS, isa_supported, random_mask
+from conftest import ISAS, isa_supported, random_mask, torch_threads
 
 BF16 = torch.bfloat16
 U32 = 2.0 ** -24  # unit roundoff of fp32 (the accumulation)
@@ -24,12 +24,8 @@ U16 = 2.0 ** -8   # unit roundoff of bf16 (the output): |round(s) - s| <= U16 |s
 
 @pytest.fixture(params=[1, 2], ids=["1thread", "2threads"])
 def threads(request):
-    old = torch.get_num_threads()
-    torch.set_num_threads(request.param)
-    try:
-        yield request.param
-    finally:
-        torch.set_num_threads(old)
+    with torch_threads(request.param) as n:
+        yield n
 
 
 @contextlib.contextmanager
