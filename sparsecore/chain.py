@@ -12,8 +12,8 @@ A run is fused only where nothing could tell the difference; anywhere else the m
 ``nn.Sequential`` does:
 
 * the modules of a run are exactly :class:`~sparsecore.nn.SparseLinear` and ``nn.ReLU`` (not subclasses), with no
-  hooks of their own, and no global module hooks are registered (the DST updater registers its recording hooks only
-  for the steps that record, see :class:`sparsecore.dst.Updater`);
+  hooks of their own, and no global module hooks are registered (the DST updater's recording hooks are marked idle
+  between the steps that record, see :class:`sparsecore.dst.Updater`, and do not count);
 * autograd records (grad mode on, and the input or a parameter requires grad), no ``torch.autocast`` region is
   active for the input's device, and ``torch.compile`` is not tracing (it traces the custom ops instead);
 * the input is 2-D, and every layer's values and bias have the input's dtype and device.
@@ -54,7 +54,11 @@ class _Link:
 
 
 def _has_hooks(m: nn.Module) -> bool:
-    return bool(m._forward_hooks or m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks)
+    """Whether m has hooks a fused run would skip. Forward hooks marked ``sc_idle`` (the DST Updater's recording
+    hooks between the steps that record) do nothing now and do not count."""
+    if m._forward_pre_hooks or m._backward_hooks or m._backward_pre_hooks:
+        return True
+    return any(not getattr(h, "sc_idle", False) for h in m._forward_hooks.values())
 
 
 def _global_hooks() -> bool:

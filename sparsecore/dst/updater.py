@@ -258,11 +258,11 @@ class Updater:
         self.bad_epochs = 0
         self.history: List[dict] = []  # one record per layer and update
 
-        # ---- hooks. The recording hooks on the layers are registered only for the forward passes that record
-        # (_sync_hooks): a layer without hooks can run inside a fused chain (sparsecore.SparseSequential).
-        self._handles = []        # permanent (the DDP wrapper's finder)
+        # ---- hooks. The recording hooks stay registered (torch.compile does not see hooks added after it traced),
+        # and check what to record themselves; between the forward passes that record, _sync_hooks marks them idle
+        # (hook.sc_idle), which lets a fused chain (sparsecore.SparseSequential) run over their layers.
+        self._handles = []        # the DDP wrapper's finder, and the recording hooks
         self._layer_hooks = []    # (layer, hook) pairs of the recording hooks
-        self._layer_handles = []  # their handles while registered
         self._stats: List[Optional[ActivationStats]] = [None] * len(self.layers)
         self._res_gen = torch.Generator().manual_seed(E.derive_seed(self.seed, E.RESERVOIR))
         self._armed = False
@@ -294,6 +294,7 @@ class Updater:
         self._ddp = None
         if self._comm is not None:
             self._init_distributed(ddp)
+        self._handles += [l.register_forward_hook(h) for l, h in self._layer_hooks]
         self._sync_hooks()
 
     # ------------------------------------------------------------------ training-loop interface
@@ -348,14 +349,16 @@ class Updater:
 
     def remove_hooks(self) -> None:
         """Detach the Updater from the model: its hooks are removed for good (nothing records any more)."""
-        for h in self._handles + self._layer_handles:
+        for h in self._handles:
             h.remove()
-        self._handles, self._layer_handles, self._layer_hooks = [], [], []
+        self._handles, self._layer_hooks = [], []
 
     def _hooks_wanted(self) -> bool:
         """Whether the next training forward must run the layers' recording hooks: RigL's while armed, CTRE/G2G's
         while their statistics record (reservoir: always; window: in the steps that fill it; full: during the
-        Updater's own pass). The hooks check the same conditions themselves, so this may only err towards True."""
+        Updater's own pass). The hooks check the same conditions themselves (and always run where no chain fuses,
+        e.g. under torch.compile), so this may only err towards True: a hook marked idle too early loses a batch
+        inside a fused chain."""
         if not self._layer_hooks:
             return False
         if self.method == "rigl":
@@ -373,16 +376,12 @@ class Updater:
         return False
 
     def _sync_hooks(self) -> None:
-        """Register the recording hooks when the next forward needs them, remove them when it does not. Called
-        wherever the answer can change: construction, step, epoch_end, report_validation, arm, update, loading
-        a state, and around the stats="full" pass."""
-        wanted = self._hooks_wanted()
-        if wanted and not self._layer_handles:
-            self._layer_handles = [l.register_forward_hook(h) for l, h in self._layer_hooks]
-        elif not wanted and self._layer_handles:
-            for h in self._layer_handles:
-                h.remove()
-            self._layer_handles = []
+        """Mark the recording hooks idle when the next forward records nothing (a fused chain may then skip them),
+        active when it does. Called wherever the answer can change: construction, step, epoch_end,
+        report_validation, arm, update, loading a state, and around the stats="full" pass."""
+        idle = not self._hooks_wanted()
+        for _, h in self._layer_hooks:
+            h.sc_idle = idle
 
     # ------------------------------------------------------------------ schedule internals
     def _epoch_tick(self) -> bool:
