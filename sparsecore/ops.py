@@ -257,7 +257,10 @@ def _n_out(rowptr: Tensor, block_size: int) -> int:
 # ----------------------------------------------------------------------------------------------- custom ops
 # Every op takes the whole pattern (rowptr, col and the transpose index colptr, row, perm), so that each op's
 # backward can be written with the three ops themselves: the set is closed under differentiation, and double
-# backward (create_graph=True) is exact to any order.
+# backward (create_graph=True) is exact to any order. The index tensors are those of a Pattern (pattern.tensors()):
+# rowptr and colptr int32; col, row and perm all int32 (perm = CSR positions), or all int16 for a compact pattern
+# (perm = offsets inside W's rows, read with rowptr). int16 tensors whose perm holds positions would read the wrong
+# values: build indices with Pattern, never by casting an int32 pattern's tensors.
 
 @torch.library.custom_op("sparsecore::spmm", mutates_args=())
 def spmm(x: Tensor, values: Tensor, bias: Optional[Tensor], rowptr: Tensor, col: Tensor, colptr: Tensor,
