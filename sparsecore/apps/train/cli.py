@@ -12,7 +12,7 @@ from ..models import METHODS
 from ...dst.distributed import DivergenceError
 from .config import TrainConfig, TrainError
 from .dist import DistributedError, launch_local
-from .loop import group_left_open, train
+from .loop import train
 
 __all__ = ["main", "build_parser", "add_common_arguments", "check_common_arguments", "common_config",
            "config_from_args", "parse_hidden", "key_value"]
@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except DistributedError as e:
         print(f"sparsecore train: stopped: {e}", file=sys.stderr)  # (the message names the rank)
-        if group_left_open():
+        if getattr(e, "group_left_open", False):
             # This command's group failed and was not torn down (train()): leave without the interpreter's
             # teardown, whose destruction of gloo's objects can abort the process (exit code 3 became SIGABRT).
             # A group the caller made is the caller's: then main() returns as usual.

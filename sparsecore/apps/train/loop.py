@@ -180,14 +180,6 @@ def _load_rank_local(updater, ck: Dict[str, Any], de: Optional[DistEnv], progres
     updater.load_rank_local_state(saved[0])
 
 
-_LEFT_OPEN = [False]  # train() left a process group it initialised open after a failed collective
-
-
-def group_left_open() -> bool:
-    """Whether :func:`train` initialised a process group and left it open after a failed collective."""
-    return _LEFT_OPEN[0]
-
-
 def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     """Train ``config.method`` on ``config.dataset``; returns the report (also written to ``config.json``).
 
@@ -202,17 +194,18 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
     broken = False  # a collective failed: the group is not torn down (below)
     try:
         return _train(c, de)
-    except DistributedError:
-        broken = True
-        raise
     except TrainError:
         raise
     except RuntimeError as e:
         if de is not None and _is_comm_error(e):
             broken = True
-            raise DistributedError(f"rank {de.rank} of {de.world}: a collective failed (another rank died or "
+            err = DistributedError(f"rank {de.rank} of {de.world}: a collective failed (another rank died or "
                                    f"stopped, or the connection was lost): {type(e).__name__}: "
-                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from e
+                                   f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}")
+            # True when train() made the group and left it open: cli.main then leaves without the interpreter's
+            # teardown. A group the caller made is the caller's.
+            err.group_left_open = de.owns_group
+            raise err from e
         raise
     finally:
         # Destroying a group whose peer died can abort this process in gloo's threads ("terminate called without
@@ -220,8 +213,6 @@ def train(config: Union[TrainConfig, Dict[str, Any]]) -> Dict[str, Any]:
         # (cli.main). A healthy group is torn down, after success or an error of this rank's own.
         if de is not None and not broken:
             de.close()
-        elif de is not None and de.owns_group:
-            _LEFT_OPEN[0] = True  # cli.main leaves without the interpreter's teardown
 
 
 def _train(c: TrainConfig, de: Optional[DistEnv]) -> Dict[str, Any]:
