@@ -446,7 +446,8 @@ class SparseLinear(nn.Module):
                     errors.append(f"{prefix}{name} must be an integer tensor, got {t.dtype}")
                     continue
                 want = rebuilt[name].to(torch.int64)
-                if name == "perm":  # int16: offsets inside rows (a compact pattern); else CSR positions
+                if name == "perm" and t.dtype != rebuilt[name].dtype:  # the checkpoint's form is not the layer's:
+                    # int16 holds offsets inside rows (a compact pattern), int32 CSR positions
                     want = _perm_offsets(pattern) if t.dtype == torch.int16 else pattern.csr_positions()
                 if tuple(t.shape) != tuple(want.shape) or not torch.equal(t.detach().to("cpu", torch.int64), want):
                     errors.append(f"{prefix}{name} is not the transpose index of {prefix}rowptr/{prefix}col: the "
