@@ -296,3 +296,37 @@ def test_dst_updates_through_torch_compile(method, gen):
         return [m.pattern for m in model if isinstance(m, SparseLinear)]
 
     assert run(True) == run(False)
+
+
+@pytest.mark.parametrize("method", ["rigl", "ctre"])
+def test_compiled_model_with_updater_does_not_recompile(method, gen):
+    """The recording hooks run eagerly under torch.compile: traced, their checks of the step counter and the
+    window guarded the compiled forward, which then recompiled at every step of a CTRE window (and around RigL's
+    armed steps) until dynamo's cache limit. Once the first steps have compiled, no step compiles a new graph,
+    through updates and their recording windows alike, and the updates still happen."""
+    from torch._dynamo.utils import counters
+
+    from sparsecore.apps.models import build_model, make_updater
+
+    x_all = torch.randn(120, 16, generator=gen)
+    y_all = torch.randint(0, 4, (120,), generator=gen)
+    spe, batch = 6, 20
+    torch._dynamo.reset()
+    counters.clear()
+    model = build_model(method, 16, 4, (24, 24), seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opts = {"max_samples": 40} if method == "ctre" else {}
+    up = make_updater(method, model, opt, epochs=4, steps_per_epoch=spe, seed=3, **opts)
+    f = torch.compile(model, backend="eager")
+    graphs = []
+    for step in range(4 * spe):
+        i = (step % spe) * batch
+        opt.zero_grad()
+        F.cross_entropy(f(x_all[i:i + batch]), y_all[i:i + batch]).backward()
+        opt.step()
+        up.step()
+        if (step + 1) % spe == 0:
+            up.epoch_end()
+        graphs.append(counters["stats"]["unique_graphs"])
+    assert up.n_updates >= 2
+    assert graphs[-1] == graphs[1], f"graphs compiled per step: {graphs}"

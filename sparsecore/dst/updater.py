@@ -117,6 +117,14 @@ from . import edit as E
 from .schedule import cubic_sparsity, rigl_fraction
 from .scores import ActivationStats, dense_grad_chunks, similarity_chunks
 
+
+def _eager_hook(hook: Callable) -> Callable:
+    """A recording hook that torch.compile runs as it is instead of tracing it. Traced, the hook's checks (the
+    step counter, the armed flag, the statistics' fill) become guards of the compiled forward, which then
+    recompiled at every step until dynamo's cache limit and fell back to eager mode. Called eagerly, it costs one
+    graph break per layer and recompiles nothing."""
+    return torch.compiler.disable(hook)
+
 __all__ = ["Updater", "METHODS"]
 
 METHODS = ("static", "set", "rigl", "ctre", "g2g", "gmp", "etsm")
@@ -467,7 +475,7 @@ class Updater:
                     return
             with torch.no_grad():
                 st.add(inputs[0], self._acts[i](output.detach()))
-        return hook
+        return _eager_hook(hook)
 
     def _window_open(self, ahead: int = 0) -> bool:
         """Whether the coming step (or the one ``ahead`` steps after it) is one of the last ``_window_steps`` before
@@ -502,7 +510,7 @@ class Updater:
                 def keep_dy(g, i=i):
                     self._dy[i] = g.detach()
                 output.register_hook(keep_dy)
-        return hook
+        return _eager_hook(hook)
 
     # ------------------------------------------------------------------ updates
     @staticmethod
