@@ -117,6 +117,10 @@ from . import edit as E
 from .schedule import cubic_sparsity, rigl_fraction
 from .scores import ActivationStats, dense_grad_chunks, similarity_chunks
 
+__all__ = ["Updater", "METHODS"]
+
+METHODS = ("static", "set", "rigl", "ctre", "g2g", "gmp", "etsm")
+
 
 def _eager_hook(hook: Callable) -> Callable:
     """A recording hook that torch.compile runs as it is instead of tracing it. Traced, the hook's checks (the
@@ -125,9 +129,6 @@ def _eager_hook(hook: Callable) -> Callable:
     graph break per layer and recompiles nothing."""
     return torch.compiler.disable(hook)
 
-__all__ = ["Updater", "METHODS"]
-
-METHODS = ("static", "set", "rigl", "ctre", "g2g", "gmp", "etsm")
 
 _COMMON = dict(regrow_pruned=True, chunk_elems=1 << 20, init=None, init_scale=None, dist_scores="reduce")
 _DEFAULTS = {
