@@ -1,6 +1,7 @@
 """SparseSequential: runs of SparseLinear (-> ReLU) layers fused into one autograd node give the modules' results bit
 for bit, fall back to the modules wherever they must, and keep gradients of gradients exact."""
 import copy
+import inspect
 
 import pytest
 import torch
@@ -330,3 +331,19 @@ def test_compiled_model_with_updater_does_not_recompile(method, gen):
         graphs.append(counters["stats"]["unique_graphs"])
     assert up.n_updates >= 2
     assert graphs[-1] == graphs[1], f"graphs compiled per step: {graphs}"
+
+
+def test_fullgraph_compile_with_recording_updater_names_the_hook(gen):
+    """fullgraph=True cannot include the Updater's eager recording hooks: dynamo refuses, and its message carries
+    our reason (where torch takes one), so the user learns what to change."""
+    from sparsecore.apps.models import build_model, make_updater
+
+    torch._dynamo.reset()
+    model = build_model("rigl", 16, 4, (24, 24), seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    make_updater("rigl", model, opt, epochs=2, steps_per_epoch=3, seed=3)
+    f = torch.compile(model, backend="eager", fullgraph=True)
+    with pytest.raises(Exception) as err:
+        f(torch.randn(5, 16, generator=gen))
+    if "reason" in inspect.signature(torch.compiler.disable).parameters:
+        assert "sparsecore DST Updater" in str(err.value)

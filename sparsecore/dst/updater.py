@@ -122,12 +122,21 @@ __all__ = ["Updater", "METHODS"]
 METHODS = ("static", "set", "rigl", "ctre", "g2g", "gmp", "etsm")
 
 
+_EAGER_HOOK_REASON = ("a sparsecore DST Updater's recording hook runs outside the compiled graph, so that the model does "
+                      "not recompile as the Updater's state changes; torch.compile(fullgraph=True) cannot include it: "
+                      "compile without fullgraph")
+
+
 def _eager_hook(hook: Callable) -> Callable:
     """A recording hook that torch.compile runs as it is instead of tracing it. Traced, the hook's checks (the
     step counter, the armed flag, the statistics' fill) become guards of the compiled forward, which then
     recompiled at every step until dynamo's cache limit and fell back to eager mode. Called eagerly, it costs one
-    graph break per layer and recompiles nothing."""
-    return torch.compiler.disable(hook)
+    graph break per layer and recompiles nothing. (fullgraph=True refuses the break: dynamo's error then names
+    this hook and gives the reason.)"""
+    try:
+        return torch.compiler.disable(hook, reason=_EAGER_HOOK_REASON)
+    except TypeError:  # torch before 2.8 takes no reason
+        return torch.compiler.disable(hook)
 
 
 _COMMON = dict(regrow_pruned=True, chunk_elems=1 << 20, init=None, init_scale=None, dist_scores="reduce")
