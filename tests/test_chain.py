@@ -267,32 +267,42 @@ def test_output_without_relu_may_be_changed_in_place(gen):
     assert_same(a, b)
 
 
-@pytest.mark.parametrize("method", ["rigl", "ctre"])
-def test_dst_updates_through_torch_compile(method, gen):
-    """torch.compile does not see hooks registered after it traced: the Updater's recording hooks stay registered
-    for the whole run (only marked idle), so a compiled model records its RigL batches and CTRE windows and
-    updates, as the same model uncompiled does (same topology after the updates)."""
+def _train_with_updater(method, gen, epochs, compiled, after_step=None):
+    """A small MLP of ``method`` trained for ``epochs`` epochs of 6 batches with its Updater (epoch_end called as
+    sparsecore train calls it), through torch.compile (eager backend) if ``compiled``; ``after_step()`` runs after
+    each step. Returns the model and its Updater."""
     from sparsecore.apps.models import build_model, make_updater
 
     x_all = torch.randn(120, 16, generator=gen)
     y_all = torch.randint(0, 4, (120,), generator=gen)
     spe, batch = 6, 20
+    torch._dynamo.reset()
+    model = build_model(method, 16, 4, (24, 24), seed=3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    opts = {"max_samples": 40} if method == "ctre" else {}
+    up = make_updater(method, model, opt, epochs=epochs, steps_per_epoch=spe, seed=3, **opts)
+    f = torch.compile(model, backend="eager") if compiled else model
+    for step in range(epochs * spe):
+        i = (step % spe) * batch
+        opt.zero_grad()
+        F.cross_entropy(f(x_all[i:i + batch]), y_all[i:i + batch]).backward()
+        opt.step()
+        up.step()
+        if (step + 1) % spe == 0:
+            up.epoch_end()
+        if after_step is not None:
+            after_step()
+    return model, up
+
+
+@pytest.mark.parametrize("method", ["rigl", "ctre"])
+def test_dst_updates_through_torch_compile(method):
+    """torch.compile does not see hooks registered after it traced: the Updater's recording hooks stay registered
+    for the whole run (only marked idle), so a compiled model records its RigL batches and CTRE windows and
+    updates, as the same model uncompiled does (same topology after the updates)."""
 
     def run(compiled):
-        torch._dynamo.reset()
-        model = build_model(method, 16, 4, (24, 24), seed=3)
-        opt = torch.optim.SGD(model.parameters(), lr=0.05)
-        opts = {"max_samples": 40} if method == "ctre" else {}
-        up = make_updater(method, model, opt, epochs=3, steps_per_epoch=spe, seed=3, **opts)
-        f = torch.compile(model, backend="eager") if compiled else model
-        for step in range(3 * spe):
-            i = (step % spe) * batch
-            opt.zero_grad()
-            F.cross_entropy(f(x_all[i:i + batch]), y_all[i:i + batch]).backward()
-            opt.step()
-            up.step()
-            if (step + 1) % spe == 0:
-                up.epoch_end()  # as sparsecore train calls it
+        model, up = _train_with_updater(method, torch.Generator().manual_seed(0), 3, compiled)
         assert up.n_updates == 2
         return [m.pattern for m in model if isinstance(m, SparseLinear)]
 
@@ -307,28 +317,9 @@ def test_compiled_model_with_updater_does_not_recompile(method, gen):
     through updates and their recording windows alike, and the updates still happen."""
     from torch._dynamo.utils import counters
 
-    from sparsecore.apps.models import build_model, make_updater
-
-    x_all = torch.randn(120, 16, generator=gen)
-    y_all = torch.randint(0, 4, (120,), generator=gen)
-    spe, batch = 6, 20
-    torch._dynamo.reset()
     counters.clear()
-    model = build_model(method, 16, 4, (24, 24), seed=3)
-    opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    opts = {"max_samples": 40} if method == "ctre" else {}
-    up = make_updater(method, model, opt, epochs=4, steps_per_epoch=spe, seed=3, **opts)
-    f = torch.compile(model, backend="eager")
     graphs = []
-    for step in range(4 * spe):
-        i = (step % spe) * batch
-        opt.zero_grad()
-        F.cross_entropy(f(x_all[i:i + batch]), y_all[i:i + batch]).backward()
-        opt.step()
-        up.step()
-        if (step + 1) % spe == 0:
-            up.epoch_end()
-        graphs.append(counters["stats"]["unique_graphs"])
+    _, up = _train_with_updater(method, gen, 4, True, lambda: graphs.append(counters["stats"]["unique_graphs"]))
     assert up.n_updates >= 2
     assert graphs[-1] == graphs[1], f"graphs compiled per step: {graphs}"
 
