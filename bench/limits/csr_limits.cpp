@@ -101,27 +101,35 @@ __attribute__((noinline)) static double fma_per_second() {
 }
 
 // ---------------------------------------------------------------------------------------------------- row-wise
-__attribute__((noinline)) static void rowwise(const Csr& a, const float* xt, float* out) {
-  for (int j = 0; j < a.rows; ++j) {
-    v16 acc[4][2] = {};
-    int k = a.rp[j];
-    const int e = a.rp[j + 1];
-    for (; k + 3 < e; k += 4)
-      for (int u = 0; u < 4; ++u) {
-        const float* x = xt + int64_t(uint16_t(a.col[k + u])) * T;
-        const v16 w = bc(a.val[k + u]);
-        acc[u][0] += w * ld(x);
-        acc[u][1] += w * ld(x + 16);
-      }
-    for (; k < e; ++k) {
-      const float* x = xt + int64_t(uint16_t(a.col[k])) * T;
-      const v16 w = bc(a.val[k]);
-      acc[0][0] += w * ld(x);
-      acc[0][1] += w * ld(x + 16);
-    }
-    st(out + j * T, (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]));
-    st(out + j * T + 16, (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]));
+// out[j] (T floats) = init + sum over entries [k, e) of val * Xt[col]: 4 entries per iteration on separate
+// accumulators, then the rest on the first (the package's spmm_rows). init: the row's partial sums, or null for 0.
+__attribute__((always_inline)) static inline void row_segment(const int16_t* col, const float* val, int k, int e,
+                                                              const float* xt, const float* init, float* out) {
+  v16 acc[4][2] = {};
+  if (init) {
+    acc[0][0] = ld(init);
+    acc[0][1] = ld(init + 16);
   }
+  for (; k + 3 < e; k += 4)
+    for (int u = 0; u < 4; ++u) {
+      const float* x = xt + int64_t(uint16_t(col[k + u])) * T;
+      const v16 w = bc(val[k + u]);
+      acc[u][0] += w * ld(x);
+      acc[u][1] += w * ld(x + 16);
+    }
+  for (; k < e; ++k) {
+    const float* x = xt + int64_t(uint16_t(col[k])) * T;
+    const v16 w = bc(val[k]);
+    acc[0][0] += w * ld(x);
+    acc[0][1] += w * ld(x + 16);
+  }
+  st(out, (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]));
+  st(out + 16, (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]));
+}
+
+__attribute__((noinline)) static void rowwise(const Csr& a, const float* xt, float* out) {
+  for (int j = 0; j < a.rows; ++j)
+    row_segment(a.col.data(), a.val.data(), a.rp[j], a.rp[j + 1], xt, nullptr, out + j * T);
 }
 
 // ---------------------------------------------------------------------------------------------------- panels
@@ -159,30 +167,8 @@ __attribute__((noinline)) static void reorder_values(const Panels& p, const Csr&
 __attribute__((noinline)) static void panels(const Panels& p, int rows, const float* xt, float* out) {
   for (int q = 0; q < p.n; ++q) {
     const int* s = p.seg.data() + size_t(q) * (rows + 1);
-    for (int j = 0; j < rows; ++j) {
-      int k = s[j];
-      const int e = s[j + 1];
-      v16 acc[4][2] = {};
-      if (q) {
-        acc[0][0] = ld(out + j * T);
-        acc[0][1] = ld(out + j * T + 16);
-      }
-      for (; k + 3 < e; k += 4)
-        for (int u = 0; u < 4; ++u) {
-          const float* x = xt + int64_t(uint16_t(p.col[k + u])) * T;
-          const v16 w = bc(p.val[k + u]);
-          acc[u][0] += w * ld(x);
-          acc[u][1] += w * ld(x + 16);
-        }
-      for (; k < e; ++k) {
-        const float* x = xt + int64_t(uint16_t(p.col[k])) * T;
-        const v16 w = bc(p.val[k]);
-        acc[0][0] += w * ld(x);
-        acc[0][1] += w * ld(x + 16);
-      }
-      st(out + j * T, (acc[0][0] + acc[1][0]) + (acc[2][0] + acc[3][0]));
-      st(out + j * T + 16, (acc[0][1] + acc[1][1]) + (acc[2][1] + acc[3][1]));
-    }
+    for (int j = 0; j < rows; ++j)  // the row's sums so far come back for each panel after the first
+      row_segment(p.col.data(), p.val.data(), s[j], s[j + 1], xt, q ? out + j * T : nullptr, out + j * T);
   }
 }
 
