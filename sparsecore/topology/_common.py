@@ -105,6 +105,21 @@ def _kth_smallest(keys: np.ndarray, k: int, bins: int = 1 << 16, chunk: int = 1 
     return float(np.partition(cand, k - below - 1)[k - below - 1])
 
 
+def _draw(t: int, n: int, m: int, k: int, generator: Optional[torch.Generator]):
+    """One try of ``t`` rows of ``m`` draws from ``range(n)``, in the order distinct_rows and sorted_subset both
+    consume the generator (values, then keys). Returns the draws sorted per row (int64 ``(t, m)``), their random
+    keys (float64 ``(t, m)``, 2.0 on repeated values: k of the distinct values, uniformly, are then the k smallest
+    keys) and, per row, whether it has at least ``k`` distinct values (bool ``(t,)``)."""
+    s = torch.randint(0, n, (t, m), generator=generator, dtype=torch.int64).numpy()
+    s.sort(axis=1)
+    dup = np.zeros((t, m), dtype=np.bool_)
+    np.equal(s[:, 1:], s[:, :-1], out=dup[:, 1:])
+    ok = (m - dup.sum(axis=1)) >= k
+    keys = torch.rand(t, m, generator=generator, dtype=torch.float64).numpy()
+    keys[dup] = 2.0
+    return s, keys, ok
+
+
 def sorted_subset(n: int, k: int, generator: Optional[torch.Generator]) -> np.ndarray:
     """int64 ``(k,)``, ascending: a uniformly random ``k``-subset of ``range(n)``, the same one as
     ``np.sort(distinct_rows(1, n, k, generator)[0])`` from the same draws, at about half the peak memory.
@@ -119,18 +134,12 @@ def sorted_subset(n: int, k: int, generator: Optional[torch.Generator]) -> np.nd
         out.sort()
         return out
     m = _draws_for(n, k)
-    while True:  # the draws distinct_rows makes, in its order: the values, then the keys, per try
-        s = torch.randint(0, n, (1, m), generator=generator, dtype=torch.int64).numpy()[0]
-        s.sort()
-        dup = np.zeros(m, dtype=np.bool_)
-        np.equal(s[1:], s[:-1], out=dup[1:])
-        ok = (m - int(dup.sum())) >= k
-        keys = torch.rand(1, m, generator=generator, dtype=torch.float64).numpy()[0]
-        if ok:
+    while True:  # distinct_rows' tries, so the same draws
+        s, keys, ok = _draw(1, n, m, k, generator)
+        if ok[0]:
             break
-        del s, dup, keys
-    keys[dup] = 2.0
-    del dup
+        del s, keys
+    s, keys = s[0], keys[0]
     take = keys <= _kth_smallest(keys, k)
     if int(take.sum()) != k:  # ties at the k-th key
         out = s[np.argpartition(keys, k - 1)[:k]]
@@ -167,15 +176,7 @@ def distinct_rows(p: int, n: int, k: int, generator: Optional[torch.Generator]) 
         t = todo.size
         # Each temporary is dropped as soon as it is used (one pattern of a 4096x4096 layer at 10% draws 1.8 M
         # values: 14 MB per int64 or float64 array), and a single row is gathered straight into `out`.
-        s = torch.randint(0, n, (t, m), generator=generator, dtype=torch.int64).numpy()
-        s.sort(axis=1)
-        dup = np.zeros((t, m), dtype=np.bool_)
-        np.equal(s[:, 1:], s[:, :-1], out=dup[:, 1:])
-        ok = (m - dup.sum(axis=1)) >= k
-        # k of the distinct values, uniformly: the k smallest of i.i.d. random keys, duplicates keyed out
-        keys = torch.rand(t, m, generator=generator, dtype=torch.float64).numpy()
-        keys[dup] = 2.0
-        del dup
+        s, keys, ok = _draw(t, n, m, k, generator)
         sel = np.argpartition(keys, k - 1, axis=1)[:, :k]
         del keys
         if t == 1:

@@ -203,7 +203,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     except DistributedError as e:
         print(f"sparsecore train: stopped: {e}", file=sys.stderr)  # (the message names the rank)
-        if getattr(e, "group_left_open", False):
+        if e.group_left_open:
             # This command's group failed and was not torn down (train()): leave without the interpreter's
             # teardown, whose destruction of gloo's objects can abort the process (exit code 3 became SIGABRT).
             # A group the caller made is the caller's: then main() returns as usual.

@@ -44,6 +44,10 @@ ENV_KEYS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
 class DistributedError(RuntimeError):
     """A collective failed: another rank died or stopped, or the connection was lost (exit code 3)."""
 
+    # True when train() made the process group and left it open after the failure (destroying a group whose peer
+    # died can abort the process): `sparsecore train` then exits without the interpreter's teardown.
+    group_left_open = False
+
 
 @dataclass
 class DistEnv:
