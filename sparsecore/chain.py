@@ -16,7 +16,8 @@ A run is fused only where nothing could tell the difference; anywhere else the m
   between the steps that record, see :class:`sparsecore.dst.Updater`, and do not count);
 * autograd records (grad mode on, and the input or a parameter requires grad), no ``torch.autocast`` region is
   active for the input's device, and ``torch.compile`` is not tracing (it traces the custom ops instead);
-* the input is 2-D, and every layer's values and bias have the input's dtype and device.
+* the run's input is 2-D (what comes before the run, a Flatten say, runs as a module), each layer's in_features is
+  the width reaching it, and every layer's values and bias have the input's dtype and device.
 
 Every activation of a run has the layout the layer would give it (row-major, or feature-major as
 ``SparseLinear.feature_major`` and :func:`sparsecore.feature_major` say), so that what follows the run, and the bias
@@ -82,9 +83,12 @@ def _collect_run(mods: Sequence[nn.Module], i: int, x: Tensor) -> Tuple[List[_Li
     links: List[_Link] = []
     params: List[Optional[Tensor]] = []
     cpu = resolve(x.device) == "cpu"
-    j = i
-    while j < len(mods) and _fusable_layer(mods[j], x):
+    j, width = i, x.shape[1]
+    # A layer whose in_features is not the width reaching it ends the run: called as a module, it raises its error
+    # (the kernels take the width on trust).
+    while j < len(mods) and _fusable_layer(mods[j], x) and mods[j].in_features == width:
         m = mods[j]
+        width = m.out_features
         relu = j + 1 < len(mods) and type(mods[j + 1]) is nn.ReLU and not _has_hooks(mods[j + 1])
         p = m.pattern
         links.append(_Link(p, relu, bool(getattr(m, "feature_major", False)), cpu and p.block_size == 1))
@@ -182,9 +186,10 @@ class SparseSequential(nn.Sequential):
         self.fused = bool(fused)
 
     def _fusing(self, x) -> bool:
-        return (self.fused and isinstance(x, Tensor) and x.dim() == 2 and torch.is_grad_enabled()
+        # What holds for the whole call; each run checks its own input (a Flatten or an Embedding may come first).
+        return (self.fused and isinstance(x, Tensor) and torch.is_grad_enabled()
                 and not torch.compiler.is_compiling() and _autocast_dtype(x.device.type) is None
-                and _backend_dtype_ok(x) and not _global_hooks())
+                and not _global_hooks())
 
     def forward(self, input):
         if not self._fusing(input):
@@ -192,8 +197,8 @@ class SparseSequential(nn.Sequential):
         mods = list(self._modules.values())
         x, i = input, 0
         while i < len(mods):
-            links, params, j = (_collect_run(mods, i, x) if isinstance(x, Tensor) and x.dim() == 2
-                                else ([], [], i))
+            links, params, j = (_collect_run(mods, i, x)
+                                if isinstance(x, Tensor) and x.dim() == 2 and _backend_dtype_ok(x) else ([], [], i))
             if links and (x.requires_grad or any(t is not None and t.requires_grad for t in params)):
                 if not (x.is_contiguous() or _is_fm(x)):
                     x = x.contiguous()

@@ -338,3 +338,25 @@ def test_fullgraph_compile_with_recording_updater_names_the_hook(gen):
         f(torch.randn(5, 16, generator=gen))
     if "reason" in inspect.signature(torch.compiler.disable).parameters:
         assert "sparsecore DST Updater" in str(err.value)
+
+
+def test_wrong_width_raises_as_the_modules_do(gen):
+    """The kernels take the input's width on trust: a run ends at a layer whose in_features is not the width that
+    reaches it, so the module raises its usual error instead of reading past the input (it read garbage)."""
+    x = torch.randn(4, 8, generator=gen, requires_grad=True)
+    first = SparseSequential(sparse(10, 6, 0.5, gen), nn.ReLU())
+    with pytest.raises(ValueError, match="in_features = 10"):
+        first(x)
+    inner = SparseSequential(sparse(8, 5, 0.5, gen), nn.ReLU(), sparse(7, 3, 0.5, gen))
+    with pytest.raises(ValueError, match="in_features = 7"):
+        inner(x)
+
+
+def test_a_flatten_before_the_run_keeps_it_fused(gen):
+    """Fusion is decided per run, on the run's own input: a Flatten (4-D input) before the sparse layers leaves
+    them fused, with the modules' results."""
+    model = SparseSequential(nn.Flatten(), sparse(12, 10, 0.5, gen), nn.ReLU(), sparse(10, 4, 0.5, gen))
+    x = torch.randn(5, 3, 2, 2, generator=gen, requires_grad=True)
+    assert type(model(x).grad_fn).__name__ == "_RunFunctionBackward"
+    a, b = fused_and_modules(model, x, lambda out: out.square().sum())
+    assert_same(a, b)
