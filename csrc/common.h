@@ -82,7 +82,7 @@ struct Epilogue {
 constexpr int64_t COMPACT_MAX_DIM = 32768;
 
 // Pattern indices (col, row, perm) come as int32_t, or as int16_t in a compact pattern (sparsecore/pattern.py: both
-// dimensions at most 32768): entries there are non-negative, read zero-extended.
+// dimensions at most 32768): entries there are below 32768, so non-negative, and read zero-extended.
 inline int64_t index_at(const int32_t* a, int64_t k) { return a[k]; }
 inline int64_t index_at(const int16_t* a, int64_t k) { return static_cast<uint16_t>(a[k]); }
 

@@ -219,8 +219,7 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bo
 // with the same sums: the same bits where both tiles split a row's entries over the same number of accumulators
 // (tiles of up to 3 vectors: 4; 4 and 5: 2), another rounding where the tile before was wider (the chunks run one
 // after the other: no two threads write one row at once). The SDDMM sums over the batch, so it zeroes the
-// overlapped lanes of each dY^T tile row as it loads it (the returned `skip`, for the last chunk; sddmm in
-// kernels_impl.h). A batch of fewer than T rows keeps its padded tile. Measured on a 2-core Xeon (AVX-512), 1
+// overlapped lanes of each product in that tile (the returned `skip`, for the last chunk; sddmm in kernels_impl.h). A batch of fewer than T rows keeps its padded tile. Measured on a 2-core Xeon (AVX-512), 1
 // thread, CTRE's MLP on Fashion-MNIST shapes at batch 100 (its 0.24%-dense layers read feature-major tiles in
 // place): see docs/BENCHMARKS.md.
 static bool g_shift_tail = true;  // tuning hook: _set_shift_tail (false: the last tile is zero-padded)
@@ -435,7 +434,7 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
       batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, nnz, n_cols, l2_bytes_per_core()),
                    !is_bf16<E>());
   // bf16 tiles keep the zero-padded last tile (their dY^T rows are widened by pairs or multiplied by vdpbf16ps,
-  // which keep_only does not mask).
+  // which dot_keep does not mask).
   const int skip = is_bf16<E>() ? 0 : shift_last_tile(chunks, B, L);
   const int widest = widest_nv(chunks);
   const bool in_place = fm_in_place(nnz, n_cols);
@@ -457,7 +456,7 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
     for (int64_t q = 0; q < n_blocks; ++q)
       sj[q] = static_cast<int32_t>(
           std::lower_bound(ci + rp[j], ci + rp[j + 1], q * block_cols,
-                           [](I c, int64_t v) { return int64_t(static_cast<std::make_unsigned_t<I>>(c)) < v; }) -
+                           [](const I& c, int64_t v) { return index_at(&c, 0) < v; }) -
           ci);
     sj[n_blocks] = rp[j + 1];
   }
@@ -528,8 +527,9 @@ void sddmm_py(const Arr<A>& dY, const Arr<A>& X, const Arr<int32_t>& rowptr, con
 // Entry points by address, for sparsecore.ops: the numpy entries above cost ~15-20 us a call in conversions and
 // argument casting (five to seven arrays), which at high sparsity is more than the arithmetic of a 1000x1000 layer
 // (CTRE's 0.24%-dense layers: ~10 us). The caller passes tensors' data_ptr()s and sizes it has checked, and
-// guarantees the layouts (contiguous, or feature-major as the flags say) and int32 indices; what can be checked
-// cheaply here is: sizes not negative, addresses set where there is data, and rowptr running from 0 to nnz.
+// guarantees the layouts (contiguous, or feature-major as the flags say) and the index arrays (int32, or int16 as a
+// compact Pattern builds them); what can be checked cheaply here is: sizes not negative, addresses set where there
+// is data, rowptr (and a compact dX's W rowptr) running from 0 to nnz, and a compact pattern's dimensions.
 // dtype: 0 float32, 1 float64, 2 bfloat16.
 template <class T>
 static T* at(uintptr_t p) { return reinterpret_cast<T*>(p); }
@@ -553,6 +553,12 @@ static void spmm_ptr(int dtype, uintptr_t x, int64_t B, int64_t n_cols, bool x_f
   require(mask == 0 || out_fm, "spmm_ptr: a mask needs a feature-major output");
   require(index_bytes == 4 || index_bytes == 2, "spmm_ptr: index_bytes must be 4 (int32) or 2 (int16)");
   require(index_bytes == 4 || perm == 0 || perm_rowptr != 0, "spmm_ptr: int16 perm needs perm_rowptr");
+  require(index_bytes == 4 || (n_rows <= COMPACT_MAX_DIM && n_cols <= COMPACT_MAX_DIM),
+          "spmm_ptr: int16 indices need both dimensions at most 32768");
+  // dX over a compact transpose index: perm_rowptr is W's rowptr, n_cols + 1 entries (W has n_cols rows here)
+  require(index_bytes == 4 || perm == 0 || (at<const int32_t>(perm_rowptr)[0] == 0 &&
+                                            at<const int32_t>(perm_rowptr)[n_cols] == nnz),
+          "spmm_ptr: perm_rowptr must be W's rowptr, running from 0 to nnz");
   py::gil_scoped_release nogil;
   const int32_t* rp = at<const int32_t>(rowptr);
   const int32_t* prp = at<const int32_t>(perm_rowptr);
@@ -573,6 +579,8 @@ static void sddmm_ptr(int dtype, uintptr_t dy, uintptr_t x, int64_t B, int64_t n
   check_ptr_args("sddmm_ptr", dtype, B, n_rows, n_cols, nnz, rowptr, col);
   require(nnz == 0 || (out != 0 && (B == 0 || (dy != 0 && x != 0))), "sddmm_ptr: missing dy, x or out");
   require(index_bytes == 4 || index_bytes == 2, "sddmm_ptr: index_bytes must be 4 (int32) or 2 (int16)");
+  require(index_bytes == 4 || (n_rows <= COMPACT_MAX_DIM && n_cols <= COMPACT_MAX_DIM),
+          "sddmm_ptr: int16 indices need both dimensions at most 32768");
   py::gil_scoped_release nogil;
 #define SC_RUN(E, I) sddmm_run<E, I>(at<const E>(dy), at<const E>(x), B, n_rows, n_cols, dy_fm, x_fm, \
                                      at<const int32_t>(rowptr), at<const I>(col), nnz, at<E>(out), nthreads)

@@ -34,7 +34,8 @@ from . import _C
 
 INT32_MAX = 2**31 - 1
 # The widest CSR pattern (rows and columns) whose col, row and perm are int16 (see the module docstring); the
-# kernels read them zero-extended, and offsets inside a row are below its length.
+# entries are below 32768 (offsets inside a row are below its length), so non-negative as int16: the C++ kernels
+# read them zero-extended, the Triton ones sign-extended, to the same values.
 COMPACT_MAX_DIM = 32768
 
 __all__ = ["Pattern", "COMPACT_MAX_DIM"]

@@ -186,9 +186,11 @@ def test_shifted_last_tile_per_isa(isa, shift_tail, threads, batch, layout, tile
 
 @pytest.mark.parametrize("threads", [1, 2], indirect=True)
 @pytest.mark.parametrize("layout", ["row-major", "feature-major"])
-def test_shifted_last_tile_masks_inf_in_the_overlap(isa, threads, layout, gen):
-    """The SDDMM zeroes the overlapped rows of dY bitwise, not by multiplying: an inf in a dY row that the shifted
-    tile overlaps is summed once, by the tile before it, and never turns the sums of other entries into NaN."""
+@pytest.mark.parametrize("operand", ["dy", "x"])
+def test_shifted_last_tile_masks_inf_in_the_overlap(isa, threads, layout, operand, gen):
+    """The SDDMM zeroes the overlapped lanes of its products bitwise, not by multiplying: an inf in a row of dY or
+    of X that the shifted tile overlaps is summed once, by the tile before it, and never turns a sum into NaN (0 *
+    inf) or other entries' sums into NaN."""
     from sparsecore.ops import _sddmm_impl, feature_major
 
     mask = random_mask(20, 24, 0.3, gen, empty_rows=[1], empty_cols=[2])
@@ -196,7 +198,10 @@ def test_shifted_last_tile_masks_inf_in_the_overlap(isa, threads, layout, gen):
     batch = 100  # the shifted last tile overlaps rows 52..63 (AVX-512) or 60..63 (AVX2); the portable copy's
     # tiles divide 100
     x, dy = torch.randn(batch, 24, generator=gen), torch.randn(batch, 20, generator=gen)
-    dy[61, 3] = float("inf")
+    if operand == "dy":
+        dy[61, 3] = float("inf")
+    else:
+        x[61, 5] = float("inf")
     if layout == "feature-major":
         x, dy = feature_major(x), feature_major(dy)
     dw = _sddmm_impl(dy, x, p.rowptr, p.col, 1)

@@ -330,6 +330,17 @@ def test_kernels_by_address_check_what_they_can(gen):
     with pytest.raises(ValueError, match="must not be negative"):
         _C.sddmm_ptr(0, dy.data_ptr(), x.data_ptr(), -3, 6, 5, False, False, p.rowptr.data_ptr(), p.col.data_ptr(),
                      p.nnz, v.data_ptr(), 1)
+    # int16 indices: both dimensions at most 32768, and a compact dX's perm_rowptr (W's rowptr) running to nnz
+    c16 = p.col.to(torch.int16)
+    with pytest.raises(ValueError, match="int16 indices need both dimensions at most 32768"):
+        _C.sddmm_ptr(0, dy.data_ptr(), x.data_ptr(), 3, 6, 40000, False, False, p.rowptr.data_ptr(), c16.data_ptr(),
+                     p.nnz, v.data_ptr(), 1, index_bytes=2)
+    off = (p.csr_positions() - p.rowptr.long()[p.row.long()]).to(torch.int16)
+    dx = torch.empty(3, 5)
+    with pytest.raises(ValueError, match="perm_rowptr must be W's rowptr"):
+        _C.spmm_ptr(0, dy.data_ptr(), 3, 6, False, p.colptr.data_ptr(), p.row.to(torch.int16).data_ptr(),
+                    v.data_ptr(), p.nnz, off.data_ptr(), 0, dx.data_ptr(), 5, False, 1, index_bytes=2,
+                    perm_rowptr=bad.data_ptr())
     # and the entries by address give the numpy entries' bits
     ref = torch.empty(3, 6)
     _C.spmm(x.numpy(), p.rowptr.numpy(), p.col.int().numpy(), v.numpy(), None, None, ref.numpy(), 1)

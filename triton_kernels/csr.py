@@ -285,7 +285,8 @@ def csr_spmm_t(dy: torch.Tensor, values: torch.Tensor, colptr: torch.Tensor, row
         C.check_index("rowptr", rowptr, dy.shape[1] + 1)
     C.check_nnz(values.numel())
     C.check_same_dtype(dy=dy, values=values)
-    C.check_devices(_kernels()["_csr_spmm_kernel"], dy=dy, values=values, colptr=colptr, row=row, perm=perm)
+    C.check_devices(_kernels()["_csr_spmm_kernel"], dy=dy, values=values, colptr=colptr, row=row, perm=perm,
+                    rowptr=rowptr if offsets else None)
     return _spmm_launch(dy, values, colptr, row, perm, None, n_in,
                         perm_ptr=rowptr.contiguous() if offsets else None)
 
