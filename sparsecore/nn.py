@@ -33,7 +33,11 @@ __all__ = ["SparseLinear", "sparsify", "reset_optimizer_state"]
 _PATTERN_BUFFERS = ("rowptr", "col", "colptr", "row", "perm")
 _TRANSPOSE_BUFFERS = ("colptr", "row", "perm")
 _ENTRY_INDEX_BUFFERS = ("col", "row", "perm")  # int16 in a compact pattern
-_STATE_FORMAT = 1  # version of the layer's entry in a state_dict ("_extra_state")
+# Version of the layer's entry in a state_dict ("_extra_state"). 2: col, row and perm may be int16, perm then as
+# offsets inside rows (compact patterns); sparsecore before them read such a perm as CSR positions and called the
+# file damaged, and now refuses the record instead. 1 (int32 indices only) still loads.
+_STATE_FORMAT = 2
+_STATE_FORMATS_READ = (1, 2)
 
 
 def _buffer_form(t: Tensor) -> Tensor:
@@ -385,9 +389,10 @@ class SparseLinear(nn.Module):
         if meta is not None:
             rec = meta.tolist() if (isinstance(meta, Tensor) and meta.dim() == 1 and meta.numel() == 4
                                     and meta.dtype == torch.int64) else None
-            if rec is None or rec[0] != _STATE_FORMAT:
-                errors.append(f"{prefix}_extra_state is not a SparseLinear record (format {_STATE_FORMAT}: "
-                              f"[format, out, in, block_size]): {meta!r}")
+            if rec is None or rec[0] not in _STATE_FORMATS_READ:
+                errors.append(f"{prefix}_extra_state is not a SparseLinear record this version reads (formats "
+                              f"{_STATE_FORMATS_READ}: [format, out, in, block_size]; a newer sparsecore may have "
+                              f"written it): {meta!r}")
             elif (rec[1], rec[2]) != shape or rec[3] != bs:
                 errors.append(f"size mismatch: the checkpoint holds a SparseLinear of shape (out, in) = "
                               f"{(rec[1], rec[2])} with block size {rec[3]}, this layer is {shape} with block size {bs}")

@@ -212,3 +212,22 @@ def test_load_dataset_rejects_non_finite_idx_features(tmp_path):
     write_idx(tmp_path / "t10k-labels-idx1-ubyte", y[:4])
     with pytest.raises(ValueError, match="non-finite.*training data, first at sample 7, feature 11"):
         load_dataset("mnist", tmp_path)
+
+
+def test_state_dict_formats(gen):
+    """State dicts are written as format 2 (indices may be int16, perm then as offsets inside rows), so a version
+    that reads only format 1 refuses the record instead of calling the file damaged; format 1 (int32 indices) still
+    loads; an unknown format is refused, naming the formats this version reads."""
+    a, b = SparseLinear(16, 8, density=0.3, generator=gen), SparseLinear(16, 8, density=0.6, generator=gen)
+    sd = a.state_dict()
+    assert sd["_extra_state"][0].item() == 2
+    old = {k: v for k, v in sd.items()}
+    old["_extra_state"] = torch.tensor([1, 8, 16, 1])
+    p = a.pattern
+    old["col"], old["row"], old["perm"] = p.col.int(), p.row.int(), p.csr_positions().int()
+    b.load_state_dict(old)
+    x = torch.randn(2, 16)
+    assert torch.equal(a(x), b(x))
+    sd["_extra_state"] = torch.tensor([3, 8, 16, 1])
+    with pytest.raises(RuntimeError, match=r"formats \(1, 2\)"):
+        b.load_state_dict(sd)
