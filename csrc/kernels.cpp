@@ -219,7 +219,8 @@ static std::vector<BatchChunk> batch_chunks(int64_t B, int lanes, int max_nv, bo
 // with the same sums: the same bits where both tiles split a row's entries over the same number of accumulators
 // (tiles of up to 3 vectors: 4; 4 and 5: 2), another rounding where the tile before was wider (the chunks run one
 // after the other: no two threads write one row at once). The SDDMM sums over the batch, so it zeroes the
-// overlapped lanes of each product in that tile (the returned `skip`, for the last chunk; sddmm in kernels_impl.h). A batch of fewer than T rows keeps its padded tile. Measured on a 2-core Xeon (AVX-512), 1
+// overlapped lanes of each dY^T tile row as it loads it (the returned `skip`, for the last chunk; sddmm in
+// kernels_impl.h). A batch of fewer than T rows keeps its padded tile. Measured on a 2-core Xeon (AVX-512), 1
 // thread, CTRE's MLP on Fashion-MNIST shapes at batch 100 (its 0.24%-dense layers read feature-major tiles in
 // place): see docs/BENCHMARKS.md.
 static bool g_shift_tail = true;  // tuning hook: _set_shift_tail (false: the last tile is zero-padded)
@@ -434,7 +435,7 @@ void sddmm_run(const E* yp, const E* xp, int64_t B, int64_t n_rows, int64_t n_co
       batch_chunks(B, L, is_bf16<E>() ? BF16_SDDMM_MAX_NV : sddmm_max_nv(isa, nnz, n_cols, l2_bytes_per_core()),
                    !is_bf16<E>());
   // bf16 tiles keep the zero-padded last tile (their dY^T rows are widened by pairs or multiplied by vdpbf16ps,
-  // which dot_keep does not mask).
+  // which keep_only does not mask).
   const int skip = is_bf16<E>() ? 0 : shift_last_tile(chunks, B, L);
   const int widest = widest_nv(chunks);
   const bool in_place = fm_in_place(nnz, n_cols);

@@ -642,19 +642,12 @@ struct DyRow {
     else
       for (int i = 0; i < NV; ++i) v[i] = vload_as<S>(p + i * L);
   }
-  // dot() with the products on the lanes that `keep` (see tile_keep_mask) clears zeroed bitwise: an inf or NaN in
-  // either operand there goes too (zeroing dy alone would leave 0 * inf = NaN where x is infinite). The same sums
-  // in the same order as dot(), so the kept lanes give its bits. Not for bf16 pairs.
+  // Zero the lanes that `keep` (see tile_keep_mask) clears: bitwise, so an inf or NaN there goes too. (An inf in X
+  // on such a lane then meets a zero: NaN in dW where the tile before already summed +-inf. Masking each x load as
+  // well cost dW 4-7% at batch 100 on a Xeon, for non-finite either way: docs/DESIGN.md.)
   template <class M>
-  V<S> dot_keep(const TE* x, const M* keep) const {
-    static_assert(!PAIRS, "the shifted last tile is fp32/fp64 only");
-    auto prod = [&](int i) { return (V<S>)((M)(v[i] * vload_as<S>(x + i * L)) & keep[i]); };
-    V<S> a = prod(0), c = V<S>{};
-    for (int i = 1; i < NV; i += 2) {
-      c += prod(i);
-      if (i + 1 < NV) a += prod(i + 1);
-    }
-    return a + c;
+  void keep_only(const M* keep) {
+    for (int i = 0; i < NV; ++i) v[i] = (V<S>)((M)v[i] & keep[i]);
   }
   // <dy, x> as one vector of partial sums (two accumulators: one FMA chain would be latency bound).
   V<S> dot(const TE* x) const {
@@ -719,7 +712,7 @@ struct DyRow<float, sc::bf16, NV> {
 
 // Lane masks of a tile row whose first `skip` batch rows belong to the tile before it (the last tile of a batch,
 // shifted to end at the batch's end: see shift_last_tile in kernels.cpp): all ones on the lanes the SDDMM sums,
-// zero on the first `skip`. Integer vectors of S's width, for DyRow::dot_keep.
+// zero on the first `skip`. Integer vectors of S's width, for DyRow::keep_only.
 template <class S>
 struct KeepMaskT {
   typedef typename std::conditional<sizeof(S) == 4, int32_t, int64_t>::type I;
@@ -760,26 +753,18 @@ inline void sddmm_put(V4<S> r, int n, bool first, bool last, S* dacc, E* dout, i
 
 // dW[k] (+)= <dy, Xt[col[k]]> over one batch tile for the entries k in [k, e) of a row whose dY^T tile row is
 // dy. Entries go four at a time so the horizontal sums share one reduce4; the tail is zero-padded.
-// keep: null, or the lane masks of a shifted last tile (DyRow::dot_keep).
-template <class S, class E, class TE, int NV, class I, class M>
+template <class S, class E, class TE, int NV, class I>
 inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, int64_t ldt, const I* col, int64_t k,
-                          int64_t e, bool first, bool last, S* dacc, E* dout, const M* keep) {
-  auto dot = [&](int64_t kk) {
-    const TE* x = xt + sc::index_at(col, kk) * ldt;
-    if constexpr (!sc::is_bf16<TE>()) {
-      if (keep) return dy.dot_keep(x, keep);
-    }
-    return dy.dot(x);
-  };
+                          int64_t e, bool first, bool last, S* dacc, E* dout) {
   for (; k + 3 < e; k += 4) {
     V<S> s[4];
-    for (int u = 0; u < 4; ++u) s[u] = dot(k + u);
+    for (int u = 0; u < 4; ++u) s[u] = dy.dot(xt + sc::index_at(col, k + u) * ldt);
     sddmm_put<S, E>(reduce4<S>(s), 4, first, last, dacc, dout, k);
   }
   if (k == e) return;
   const int n = static_cast<int>(e - k);
   V<S> s[4] = {V<S>{}, V<S>{}, V<S>{}, V<S>{}};
-  for (int u = 0; u < n; ++u) s[u] = dot(k + u);
+  for (int u = 0; u < n; ++u) s[u] = dy.dot(xt + sc::index_at(col, k + u) * ldt);
   sddmm_put<S, E>(reduce4<S>(s), n, first, last, dacc, dout, k);
 }
 
@@ -798,9 +783,8 @@ inline void sddmm_segment(const DyRow<S, TE, NV>& dy, const TE* xt, int64_t ldt,
 // bf16 (for E = S the caller passes dout = dacc).
 //
 // skip: the first `skip` batch rows of the first tile were summed by the call before (a last tile shifted back to
-// end at the batch's end, see shift_last_tile in kernels.cpp): their lanes of every product of that tile are zeroed
-// (DyRow::dot_keep), so every load of the tiles stays a whole vector and an inf in either operand there is summed
-// once, by the tile before. Not for bf16 tiles (0 there).
+// end at the batch's end, see shift_last_tile in kernels.cpp): their lanes of each dY^T tile row are zeroed as the
+// row is loaded, once per row, so every load of the tiles stays a whole vector. Not for bf16 tiles (0 there).
 template <class S, class E, class TE, int NV, class I>
 void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x_fm, bool in_place, int64_t B,
            int64_t n_rows, int64_t n_cols, const int32_t* rp, const I* col, S* dacc, E* dout,
@@ -853,8 +837,10 @@ void sddmm(const E* dY, int64_t ldy, bool dy_fm, const E* X, int64_t ldx, bool x
             if (sj[q] == sj[q + 1]) continue;
             DyRow<S, TE, NV> dy;
             dy.load(yt.p + j * yt.ld);
-            sddmm_segment<S, E, TE, NV, I>(dy, xt.p, xt.ld, col, sj[q], sj[q + 1], first, last, dacc, dout,
-                                           masked ? keep : nullptr);
+            if constexpr (!sc::is_bf16<TE>()) {
+              if (masked) dy.keep_only(keep);
+            }
+            sddmm_segment<S, E, TE, NV, I>(dy, xt.p, xt.ld, col, sj[q], sj[q + 1], first, last, dacc, dout);
           }
         }
       }
