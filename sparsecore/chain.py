@@ -132,8 +132,11 @@ class _RunFunction(torch.autograd.Function):
         acts = [x, *hidden]
         needs = ctx.needs_input_grad
         grads: List[Optional[Tensor]] = [None] * len(params)
+        # The lowest layer whose gradients are wanted (0 when x's is): below it nothing is computed (frozen layers).
+        stop = 0 if needs[0] else next((k for k in range(len(links)) if needs[2 + 2 * k] or needs[3 + 2 * k]),
+                                       len(links))
         dy = grad
-        for k in range(len(links) - 1, -1, -1):
+        for k in range(len(links) - 1, stop - 1, -1):
             link = links[k]
             p = link.pattern
             if link.relu and k == len(links) - 1:  # the ReLU's backward, from its output (> 0 where its input was);
@@ -143,13 +146,13 @@ class _RunFunction(torch.autograd.Function):
                 grads[2 * k] = _sddmm_impl(dy, acts[k], p.rowptr, p.col, p.block_size)
             if params[2 * k + 1] is not None and needs[3 + 2 * k]:
                 grads[2 * k + 1] = dy.sum(0)
-            if k == 0 and not needs[0]:
+            if k == stop and not needs[0]:
                 dy = None
                 break
             relu_before = k > 0 and links[k - 1].relu
             dy = _spmm_t_impl(dy, params[2 * k], p.rowptr, p.colptr, p.row, p.perm, p.shape[1], p.block_size,
                               _is_fm(acts[k]), mask=acts[k] if relu_before else None)
-        return (dy, None, *grads)
+        return (dy if needs[0] else None, None, *grads)
 
 
 def _recomputed_grads(ctx, grad: Tensor, x: Tensor, params: List[Optional[Tensor]]):

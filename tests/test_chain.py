@@ -360,3 +360,19 @@ def test_a_flatten_before_the_run_keeps_it_fused(gen):
     assert type(model(x).grad_fn).__name__ == "_RunFunctionBackward"
     a, b = fused_and_modules(model, x, lambda out: out.square().sum())
     assert_same(a, b)
+
+
+@pytest.mark.parametrize("frozen", [(0,), (0, 1), (1,)])
+def test_frozen_lower_layers(frozen, gen):
+    """Layers whose parameters need no gradient (fine-tuning the top of a network), under an input that needs
+    none: the run's backward stops at the lowest layer that wants gradients, with the modules' results."""
+    model = SparseSequential(sparse(10, 12, 0.4, gen), nn.ReLU(), sparse(12, 9, 0.4, gen), nn.ReLU(),
+                             sparse(9, 4, 0.5, gen))
+    layers = [m for m in model if isinstance(m, SparseLinear)]
+    for i in frozen:
+        layers[i].requires_grad_(False)
+    x = torch.randn(6, 10, generator=gen)
+    a, b = fused_and_modules(model, x, lambda out: out.square().sum())
+    assert_same(a, b)
+    for i, m in enumerate(layers):
+        assert (m.values.grad is None) == (i in frozen)
